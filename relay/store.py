@@ -1,0 +1,515 @@
+"""Redis I/O: rows, sessions, tasks; the Lua scripts of the hot path.
+
+The hot path (route a task, post its chunks, post its result, cancel it) is
+one Lua script each: one round trip, atomic. Lifecycle changes (register,
+heartbeat, unbind, sweep) read the rows, let ``relay.lifecycle`` decide, and
+write under WATCH/MULTI, retrying when a concurrent writer got there first.
+Keys come from ``relay.keys``; all of them share one hash slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from relay import lifecycle
+from relay.keys import Keys
+from relay.lifecycle import Conflict, Lifecycle, Row
+from relay.wire import INACTIVE, PUBLIC, VIRTUAL, ProviderSpec
+
+log = logging.getLogger("relay.store")
+
+
+class NotFound(Exception):
+    """The session, task or row does not exist (or no longer)."""
+
+
+class Forbidden(Exception):
+    """The caller is not the principal (or session) that owns the object."""
+
+
+# --- Lua: the hot path -------------------------------------------------------
+
+# Route a consumer request: read the row, and for a live virtual row record
+# the task and push it to the inbox of the replica holding the session.
+# KEYS[1] llm row. ARGV: tag, taskId, consumerReplica, now, taskTtlMs,
+# payload, inboxMaxlen, llmName, kind.
+_ROUTE = """
+local row = redis.call('HMGET', KEYS[1], 'kind', 'status', 'providerSessionId', 'url', 'apiKey', 'model')
+if not row[1] then return {'unknown'} end
+if row[1] == 'public' then return {'public', row[4] or '', row[5] or '', row[6] or ''} end
+if row[2] == 'inactive' then return {'inactive'} end
+local sid = row[3]
+if row[2] == 'hibernating' and ARGV[9] ~= 'wake' then return {'hibernating', sid} end
+local tag = ARGV[1]
+local skey = tag .. ':session:' .. sid
+local sess = redis.call('HMGET', skey, 'replica', 'principal')
+local replica = sess[1]
+if (not replica) or replica == '' or redis.call('EXISTS', tag .. ':replica:' .. replica) == 0 then
+  return {'offline', sid}
+end
+local tkey = tag .. ':task:' .. ARGV[2]
+redis.call('HSET', tkey, 'session', sid, 'principal', sess[2], 'replica', ARGV[3],
+  'llm', ARGV[8], 'kind', ARGV[9], 'createdAt', ARGV[4])
+redis.call('PEXPIRE', tkey, ARGV[5])
+local tset = skey .. ':tasks'
+redis.call('SADD', tset, ARGV[2])
+redis.call('PEXPIRE', tset, ARGV[5])
+if replica ~= ARGV[3] then
+  redis.call('XADD', tag .. ':inbox:' .. replica, 'MAXLEN', '~', ARGV[7], '*',
+    'k', 'task', 's', sid, 't', ARGV[2], 'r', ARGV[3], 'd', ARGV[6])
+end
+return {'ok', replica, sid, sess[2]}
+"""
+
+# A publisher posts for a task: check ownership, optionally finish the task,
+# and forward the payload to the inbox of the replica where the consumer waits.
+# KEYS[1] task. ARGV: tag, taskId, sessionId, principal, selfReplica,
+# messageKind, payload, inboxMaxlen, final ('1' ends the task).
+_POST = """
+local t = redis.call('HMGET', KEYS[1], 'session', 'principal', 'replica')
+if not t[1] then return {'unknown'} end
+if t[1] ~= ARGV[3] or t[2] ~= ARGV[4] then return {'forbidden'} end
+if ARGV[9] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[1] .. ':session:' .. t[1] .. ':tasks', ARGV[2])
+end
+if t[3] ~= ARGV[5] then
+  redis.call('XADD', ARGV[1] .. ':inbox:' .. t[3], 'MAXLEN', '~', ARGV[8], '*',
+    'k', ARGV[6], 't', ARGV[2], 'd', ARGV[7])
+end
+return {'ok', t[3]}
+"""
+
+# The consumer is gone (disconnect, timeout): forget the task and tell the
+# replica that holds the session now, so the publisher aborts it.
+# KEYS[1] task. ARGV: tag, taskId, selfReplica, inboxMaxlen.
+_CANCEL = """
+local sid = redis.call('HGET', KEYS[1], 'session')
+if not sid then return {'none'} end
+redis.call('DEL', KEYS[1])
+local skey = ARGV[1] .. ':session:' .. sid
+redis.call('SREM', skey .. ':tasks', ARGV[2])
+local replica = redis.call('HGET', skey, 'replica')
+if (not replica) or replica == '' then return {'none'} end
+if replica == ARGV[3] then return {'local', sid} end
+redis.call('XADD', ARGV[1] .. ':inbox:' .. replica, 'MAXLEN', '~', ARGV[4], '*',
+  'k', 'cancel', 's', sid, 't', ARGV[2])
+return {'remote', sid}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a consumer request goes. ``outcome`` is one of: ok (pushed to
+    ``replica`` for ``session_id``), unknown, inactive, hibernating, offline,
+    public (proxy to ``url``)."""
+
+    outcome: str
+    replica: str = ""
+    session_id: str = ""
+    principal: str = ""
+    url: str = ""
+    api_key: str = ""
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanedTask:
+    """An in-flight task failed because its session went away."""
+
+    task_id: str
+    replica: str  # where its consumer waits
+
+
+def _s(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _row(raw: dict[Any, Any]) -> Row:
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+def public_view(row: Row) -> dict[str, Any]:
+    """A row as GET endpoints show it: never the upstream key or the owner's
+    internals."""
+    return {k: v for k, v in row.items() if k != "apiKey"}
+
+
+class Store:
+    def __init__(
+        self, redis: Redis, keys: Keys, lc: Lifecycle, *, inbox_maxlen: int = 100_000
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.lc = lc
+        self.inbox_maxlen = inbox_maxlen
+        self._route = redis.register_script(_ROUTE)
+        self._post = redis.register_script(_POST)
+        self._cancel = redis.register_script(_CANCEL)
+
+    # --- hot path ---------------------------------------------------------
+    async def route(
+        self,
+        name: str,
+        task_id: str,
+        replica: str,
+        now: float,
+        payload: bytes,
+        kind: str = "infer",
+        timeout: float | None = None,
+    ) -> Route:
+        ttl_ms = int((timeout or self.lc.task_timeout) * 1000) + 5000
+        res = await self._route(
+            keys=[self.keys.llm(name)],
+            args=[self.keys.tag, task_id, replica, f"{now:.3f}", ttl_ms, payload,
+                  self.inbox_maxlen, name, kind],
+        )
+        out = [_s(x) for x in res]
+        match out[0]:
+            case "ok":
+                return Route("ok", replica=out[1], session_id=out[2], principal=out[3])
+            case "public":
+                return Route("public", url=out[1], api_key=out[2], model=out[3])
+            case "hibernating" | "offline":
+                return Route(out[0], session_id=out[1])
+            case other:
+                return Route(other)
+
+    async def post(
+        self,
+        task_id: str,
+        session_id: str,
+        principal: str,
+        replica: str,
+        kind: str,
+        payload: bytes,
+        *,
+        final: bool,
+    ) -> str:
+        """Check that ``session_id`` of ``principal`` owns the task and forward
+        ``payload``; return the replica where the consumer waits."""
+        res = await self._post(
+            keys=[self.keys.task(task_id)],
+            args=[self.keys.tag, task_id, session_id, principal, replica, kind, payload,
+                  self.inbox_maxlen, "1" if final else "0"],
+        )
+        outcome = _s(res[0])
+        if outcome == "unknown":
+            raise NotFound(f"task {task_id} is unknown or already finished")
+        if outcome == "forbidden":
+            raise Forbidden(f"task {task_id} belongs to another session")
+        return _s(res[1])
+
+    async def cancel(self, task_id: str, replica: str) -> tuple[str, str]:
+        """Forget a task whose consumer is gone. Returns (where, sessionId):
+        where is 'local' when the session is held by ``replica``, 'remote'
+        when the cancel went to another replica's inbox, 'none' otherwise."""
+        res = await self._cancel(
+            keys=[self.keys.task(task_id)],
+            args=[self.keys.tag, task_id, replica, self.inbox_maxlen],
+        )
+        out = [_s(x) for x in res]
+        return out[0], (out[1] if len(out) > 1 else "")
+
+    # --- sessions -----------------------------------------------------------
+    async def session_principal(self, sid: str) -> str | None:
+        value = await self.redis.hget(self.keys.session(sid), "principal")
+        return _s(value) if value is not None else None
+
+    async def bind(
+        self, sid: str, principal: str, replica: str, channel: str, now: float
+    ) -> tuple[str, str]:
+        """Record that ``replica`` holds ``sid`` on ``channel``.
+
+        A session id nobody holds (new, or expired after a long outage) is
+        created for ``principal``. A session of another principal is refused.
+        Returns the previous (replica, channel) binding, if any, so that the
+        caller can close the old channel (a takeover)."""
+        skey = self.keys.session(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(skey)
+                    old = await pipe.hmget(skey, "principal", "replica", "channel")
+                    owner, old_replica, old_channel = (_s(x) for x in old)
+                    if owner and owner != principal:
+                        raise Forbidden(f"session {sid} belongs to another principal")
+                    pipe.multi()
+                    fields = {"principal": principal, "replica": replica, "channel": channel}
+                    if not owner:
+                        fields["createdAt"] = f"{now:.3f}"
+                    pipe.hset(skey, mapping=fields)
+                    pipe.expire(skey, int(self.lc.heartbeat_timeout))
+                    pipe.sadd(self.keys.replica_sessions(replica), sid)
+                    if old_replica and old_replica != replica:
+                        pipe.srem(self.keys.replica_sessions(old_replica), sid)
+                    if old_replica and old_channel and old_replica != replica:
+                        pipe.xadd(
+                            self.keys.inbox(old_replica),
+                            {"k": "close", "s": sid, "c": old_channel},
+                            maxlen=self.inbox_maxlen,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+                    return old_replica, old_channel
+                except WatchError:
+                    continue
+
+    async def _check_session(self, sid: str, principal: str) -> None:
+        owner = await self.session_principal(sid)
+        if owner is None:
+            raise NotFound(f"session {sid} is unknown or expired; open a new session")
+        if owner != principal:
+            raise Forbidden(f"session {sid} belongs to another principal")
+
+    async def register(
+        self, sid: str, principal: str, providers: list[ProviderSpec], now: float
+    ) -> list[Row]:
+        """Upsert every provider's row for ``sid``, all or nothing."""
+        await self._check_session(sid, principal)
+        names = [p["name"] for p in providers]
+        row_keys = [self.keys.llm(n) for n in names]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(*row_keys)
+                    current = [_row(await pipe.hgetall(k)) or None for k in row_keys]
+                    plans = [
+                        lifecycle.plan_register(row, spec, sid, principal, now)
+                        for row, spec in zip(current, providers, strict=True)
+                    ]
+                    pipe.multi()
+                    for key, row, plan in zip(row_keys, current, plans, strict=True):
+                        pipe.hset(key, mapping=plan)
+                        pipe.expire(key, int(lifecycle.row_ttl(plan, self.lc)))
+                        old_sid = row.get("providerSessionId") if row else None
+                        if old_sid and old_sid != sid:
+                            pipe.srem(self.keys.session_llms(old_sid), plan["name"])
+                    pipe.sadd(self.keys.llms, *names)
+                    pipe.sadd(self.keys.session_llms(sid), *names)
+                    pipe.expire(
+                        self.keys.session_llms(sid),
+                        int(self.lc.heartbeat_timeout + self.lc.inactive_retention),
+                    )
+                    await pipe.execute()
+                    return [{**(row or {}), **plan} for row, plan in zip(current, plans, strict=True)]
+                except WatchError:
+                    continue
+
+    async def heartbeat(self, sid: str, principal: str, now: float) -> list[str]:
+        """Bump every row ``sid`` owns and revive its inactive ones."""
+        await self._check_session(sid, principal)
+        names = sorted(_s(n) for n in await self.redis.smembers(self.keys.session_llms(sid)))
+        row_keys = [self.keys.llm(n) for n in names]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if row_keys:
+                        await pipe.watch(*row_keys)
+                    rows = [_row(await pipe.hgetall(k)) for k in row_keys]
+                    pipe.multi()
+                    owned = []
+                    for key, row in zip(row_keys, rows, strict=True):
+                        if row.get("providerSessionId") != sid:
+                            continue
+                        plan = lifecycle.plan_heartbeat(row, now)
+                        pipe.hset(key, mapping=plan)
+                        pipe.expire(key, int(lifecycle.row_ttl({**row, **plan}, self.lc)))
+                        owned.append(row["name"])
+                    pipe.expire(self.keys.session(sid), int(self.lc.heartbeat_timeout))
+                    await pipe.execute()
+                    return owned
+                except WatchError:
+                    continue
+
+    async def unbind(self, sid: str, channel: str, now: float) -> list[OrphanedTask]:
+        """The SSE channel ``channel`` of ``sid`` dropped: unless the session was
+        taken over meanwhile, its rows go inactive and its in-flight tasks fail.
+        Failures for consumers on other replicas go out through their inboxes;
+        the ones returned are all orphaned tasks (the caller fails local ones)."""
+        skey = self.keys.session(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(skey, self.keys.session_tasks(sid))
+                    if _s(await pipe.hget(skey, "channel")) != channel:
+                        await pipe.reset()
+                        return []  # taken over by a newer channel: leave it be
+                    replica = _s(await pipe.hget(skey, "replica"))
+                    orphans = await self._session_fallout(pipe, sid, now)
+                    pipe.hset(skey, mapping={"replica": "", "channel": ""})
+                    if replica:
+                        pipe.srem(self.keys.replica_sessions(replica), sid)
+                    await pipe.execute()
+                    return orphans
+                except WatchError:
+                    continue
+
+    async def deactivate_session(self, sid: str, now: float) -> list[OrphanedTask]:
+        """The session fell silent or its replica died (housekeeping): rows go
+        inactive and in-flight tasks fail, as on a disconnect."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.keys.session(sid), self.keys.session_tasks(sid))
+                    orphans = await self._session_fallout(pipe, sid, now)
+                    await pipe.execute()
+                    return orphans
+                except WatchError:
+                    continue
+
+    async def _session_fallout(self, pipe: Any, sid: str, now: float) -> list[OrphanedTask]:
+        """Read (under WATCH) what a session's end touches, then queue, after
+        MULTI, the writes: rows inactive, tasks failed and forgotten."""
+        names = sorted(_s(n) for n in await pipe.smembers(self.keys.session_llms(sid)))
+        task_ids = sorted(_s(t) for t in await pipe.smembers(self.keys.session_tasks(sid)))
+        if names:
+            await pipe.watch(*(self.keys.llm(n) for n in names))
+        rows = [_row(await pipe.hgetall(self.keys.llm(n))) for n in names]
+        orphans = []
+        for tid in task_ids:
+            where = _s(await pipe.hget(self.keys.task(tid), "replica"))
+            if where:
+                orphans.append(OrphanedTask(tid, where))
+        pipe.multi()
+        for name, row in zip(names, rows, strict=True):
+            if row.get("providerSessionId") != sid:
+                continue
+            plan = lifecycle.plan_deactivate(row, now)
+            if plan:
+                pipe.hset(self.keys.llm(name), mapping=plan)
+                pipe.expire(self.keys.llm(name), int(self.lc.inactive_retention))
+        for orphan in orphans:
+            pipe.delete(self.keys.task(orphan.task_id))
+            pipe.xadd(
+                self.keys.inbox(orphan.replica),
+                {"k": "fail", "t": orphan.task_id, "c": "502",
+                 "d": "the publisher serving this model disconnected before answering"},
+                maxlen=self.inbox_maxlen,
+                approximate=True,
+            )
+        pipe.delete(self.keys.session_tasks(sid))
+        return orphans
+
+    # --- rows -----------------------------------------------------------------
+    async def get_row(self, name: str) -> Row | None:
+        raw = await self.redis.hgetall(self.keys.llm(name))
+        return _row(raw) if raw else None
+
+    async def list_rows(self) -> list[Row]:
+        names = sorted(_s(n) for n in await self.redis.smembers(self.keys.llms))
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hgetall(self.keys.llm(n))
+            raws = await pipe.execute()
+        rows = [_row(r) for r in raws if r]
+        gone = [n for n, r in zip(names, raws, strict=True) if not r]
+        if gone:  # expired rows: drop their names from the index
+            await self.redis.srem(self.keys.llms, *gone)
+        return rows
+
+    async def put_public(self, fields: dict[str, str], now: float) -> Row:
+        """Create or replace a public row; refused while a virtual row holds the name."""
+        key = self.keys.llm(fields["name"])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    row = _row(await pipe.hgetall(key))
+                    if row and row.get("kind") == VIRTUAL:
+                        raise Conflict(
+                            f"Llm {fields['name']!r} is published by a publisher "
+                            f"({row.get('principal')}); delete it first or pick another name"
+                        )
+                    ts = f"{now:.3f}"
+                    new: Row = {
+                        "kind": PUBLIC, "type": "openai", "description": "", "apiKey": "",
+                        "status": "active", "providerSessionId": "", "lastHeartbeatAt": "",
+                        "inactiveSince": "", "principal": "",
+                        **fields,
+                        "createdAt": row.get("createdAt", ts) if row else ts,
+                        "updatedAt": ts,
+                    }
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.hset(key, mapping=new)
+                    pipe.sadd(self.keys.llms, new["name"])
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+
+    async def delete_row(self, name: str) -> bool:
+        row = await self.get_row(name)
+        if row is None:
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.llm(name))
+            pipe.srem(self.keys.llms, name)
+            if row.get("providerSessionId"):
+                pipe.srem(self.keys.session_llms(row["providerSessionId"]), name)
+            await pipe.execute()
+        return True
+
+    async def mark_woken(self, name: str, now: float) -> bool:
+        key = self.keys.llm(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    row = _row(await pipe.hgetall(key))
+                    plan = lifecycle.plan_woken(row, now) if row else None
+                    if plan is None:
+                        await pipe.reset()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping=plan)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    # --- replicas ---------------------------------------------------------------
+    async def replica_alive(self, replica: str, ttl: float, now: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.replica(replica), f"{now:.3f}", px=int(ttl * 1000))
+            pipe.sadd(self.keys.replicas, replica)
+            await pipe.execute()
+
+    async def replica_gone(self, replica: str) -> None:
+        """A clean shutdown: no liveness, no inbox left behind."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.replica(replica), self.keys.inbox(replica))
+            pipe.srem(self.keys.replicas, replica)
+            await pipe.execute()
+
+    async def delete_if_expired(self, name: str, now: float) -> bool:
+        """Delete a row the sweep found past its retention, unless it changed since."""
+        key = self.keys.llm(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    row = _row(await pipe.hgetall(key))
+                    if not row or lifecycle.plan_sweep(row, now, self.lc) != "delete":
+                        await pipe.reset()
+                        return False
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.srem(self.keys.llms, name)
+                    if row.get("providerSessionId"):
+                        pipe.srem(self.keys.session_llms(row["providerSessionId"]), name)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
