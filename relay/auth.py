@@ -110,11 +110,15 @@ def load_authenticator(
         try:
             text = path.read_text()
         except OSError as exc:
-            raise TokensError(f"RELAY_TOKENS_FILE {tokens_file}: cannot read ({exc.strerror})") from None
+            raise TokensError(
+                f"RELAY_TOKENS_FILE {tokens_file}: cannot read ({exc.strerror})"
+            ) from None
         try:
             data = yaml.safe_load(text)  # YAML is a superset of JSON
         except yaml.YAMLError as exc:
-            raise TokensError(f"RELAY_TOKENS_FILE {tokens_file}: not valid YAML/JSON: {exc}") from None
+            raise TokensError(
+                f"RELAY_TOKENS_FILE {tokens_file}: not valid YAML/JSON: {exc}"
+            ) from None
         return Authenticator.from_config(f"RELAY_TOKENS_FILE {tokens_file}", data)
     if tokens_json:
         try:

@@ -57,15 +57,19 @@ def connect(
         hosts = [_host_port(h) for h in sentinels.split(",") if h.strip()]
         sentinel = Sentinel(hosts, socket_timeout=1.0, socket_connect_timeout=1.0)
         assert master_name
-        commands = sentinel.master_for(master_name, socket_timeout=5.0, **common)  # type: ignore[arg-type]
+        commands = sentinel.master_for(master_name, socket_timeout=5.0, **common)
         blocking = sentinel.master_for(
-            master_name, socket_timeout=block_seconds + 5.0, **common  # type: ignore[arg-type]
+            master_name,
+            socket_timeout=block_seconds + 5.0,
+            **common,
         )
         return Clients(commands, blocking)
     if redis_url:
-        commands = Redis.from_url(redis_url, socket_timeout=5.0, **common)  # type: ignore[arg-type]
+        commands = Redis.from_url(redis_url, socket_timeout=5.0, **common)
         blocking = Redis.from_url(
-            redis_url, socket_timeout=block_seconds + 5.0, **common  # type: ignore[arg-type]
+            redis_url,
+            socket_timeout=block_seconds + 5.0,
+            **common,
         )
         return Clients(commands, blocking)
     return embedded()

@@ -66,6 +66,7 @@ def plan_register(
         "lastHeartbeatAt": _ts(now),
         "inactiveSince": "",
         "updatedAt": _ts(now),
+        "wakeMaxWaitSeconds": str(spec.get("wakeMaxWaitSeconds", "")),
     }
     if row is None:
         return {**fields, "createdAt": _ts(now)}

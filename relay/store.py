@@ -10,7 +10,6 @@ Keys come from ``relay.keys``; all of them share one hash slot.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from redis.exceptions import WatchError
 from relay import lifecycle
 from relay.keys import Keys
 from relay.lifecycle import Conflict, Lifecycle, Row
-from relay.wire import INACTIVE, PUBLIC, VIRTUAL, ProviderSpec
+from relay.wire import PUBLIC, VIRTUAL, ProviderSpec
 
 log = logging.getLogger("relay.store")
 
@@ -164,13 +163,22 @@ class Store:
         now: float,
         payload: bytes,
         kind: str = "infer",
-        timeout: float | None = None,
+        ttl: float | None = None,
     ) -> Route:
-        ttl_ms = int((timeout or self.lc.task_timeout) * 1000) + 5000
+        ttl_ms = int((ttl or self.lc.task_timeout) * 1000) + 5000
         res = await self._route(
             keys=[self.keys.llm(name)],
-            args=[self.keys.tag, task_id, replica, f"{now:.3f}", ttl_ms, payload,
-                  self.inbox_maxlen, name, kind],
+            args=[
+                self.keys.tag,
+                task_id,
+                replica,
+                f"{now:.3f}",
+                ttl_ms,
+                payload,
+                self.inbox_maxlen,
+                name,
+                kind,
+            ],
         )
         out = [_s(x) for x in res]
         match out[0]:
@@ -198,8 +206,17 @@ class Store:
         ``payload``; return the replica where the consumer waits."""
         res = await self._post(
             keys=[self.keys.task(task_id)],
-            args=[self.keys.tag, task_id, session_id, principal, replica, kind, payload,
-                  self.inbox_maxlen, "1" if final else "0"],
+            args=[
+                self.keys.tag,
+                task_id,
+                session_id,
+                principal,
+                replica,
+                kind,
+                payload,
+                self.inbox_maxlen,
+                "1" if final else "0",
+            ],
         )
         outcome = _s(res[0])
         if outcome == "unknown":
@@ -218,6 +235,34 @@ class Store:
         )
         out = [_s(x) for x in res]
         return out[0], (out[1] if len(out) > 1 else "")
+
+    async def fail_task(self, task_id: str, status: int, message: str, replica: str) -> str:
+        """Forget a task that cannot be served and tell its consumer's replica
+        (through its inbox unless it is ``replica``). Returns that replica, or
+        '' when the task was already gone."""
+        key = self.keys.task(task_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    sid, where = (_s(x) for x in await pipe.hmget(key, "session", "replica"))
+                    if not where:
+                        await pipe.reset()
+                        return ""
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.srem(self.keys.session_tasks(sid), task_id)
+                    if where != replica:
+                        pipe.xadd(
+                            self.keys.inbox(where),
+                            {"k": "fail", "t": task_id, "c": str(status), "d": message},
+                            maxlen=self.inbox_maxlen,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+                    return where
+                except WatchError:
+                    continue
 
     # --- sessions -----------------------------------------------------------
     async def session_principal(self, sid: str) -> str | None:
@@ -300,7 +345,9 @@ class Store:
                         int(self.lc.heartbeat_timeout + self.lc.inactive_retention),
                     )
                     await pipe.execute()
-                    return [{**(row or {}), **plan} for row, plan in zip(current, plans, strict=True)]
+                    return [
+                        {**(row or {}), **plan} for row, plan in zip(current, plans, strict=True)
+                    ]
                 except WatchError:
                     continue
 
@@ -391,8 +438,12 @@ class Store:
             pipe.delete(self.keys.task(orphan.task_id))
             pipe.xadd(
                 self.keys.inbox(orphan.replica),
-                {"k": "fail", "t": orphan.task_id, "c": "502",
-                 "d": "the publisher serving this model disconnected before answering"},
+                {
+                    "k": "fail",
+                    "t": orphan.task_id,
+                    "c": "502",
+                    "d": "the publisher serving this model disconnected before answering",
+                },
                 maxlen=self.inbox_maxlen,
                 approximate=True,
             )
@@ -433,9 +484,15 @@ class Store:
                         )
                     ts = f"{now:.3f}"
                     new: Row = {
-                        "kind": PUBLIC, "type": "openai", "description": "", "apiKey": "",
-                        "status": "active", "providerSessionId": "", "lastHeartbeatAt": "",
-                        "inactiveSince": "", "principal": "",
+                        "kind": PUBLIC,
+                        "type": "openai",
+                        "description": "",
+                        "apiKey": "",
+                        "status": "active",
+                        "providerSessionId": "",
+                        "lastHeartbeatAt": "",
+                        "inactiveSince": "",
+                        "principal": "",
                         **fields,
                         "createdAt": row.get("createdAt", ts) if row else ts,
                         "updatedAt": ts,

@@ -68,6 +68,9 @@ class ProviderSpec(TypedDict):
     model: str
     description: NotRequired[str]
     initialStatus: NotRequired[Status]
+    # How long the publisher's wake recipe may take; the relay's wake deadline
+    # is this plus a margin, capped by RELAY_WAKE_TIMEOUT_SECONDS.
+    wakeMaxWaitSeconds: NotRequired[float]
 
 
 class RegisterRequest(TypedDict):
@@ -98,3 +101,14 @@ class ResultPost(TypedDict, total=False):
     status: int
     body: object
     error: str
+
+
+def join_url(base: str, path: str) -> str:
+    """Join a backend's base URL and an OpenAI path such as
+    ``/v1/chat/completions``. The base may or may not end in ``/v1`` (the
+    ``openai`` SDK's ``base_url`` does, Ollama's docs' server URL does not):
+    both mean the same server."""
+    base = base.rstrip("/")
+    if base.endswith("/v1") and path.startswith("/v1/"):
+        path = path[3:]
+    return base + path

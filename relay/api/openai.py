@@ -1,0 +1,97 @@
+"""The consumer side: OpenAI-compatible routes (scope ``infer``).
+
+Bodies are parsed once with orjson and passed on as the bytes the consumer
+sent; only ``model`` and ``stream`` are read here. Nothing on this path goes
+through pydantic: it is the relay's latency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from starlette.responses import StreamingResponse
+
+from relay.api.deps import authorize, read_json_object, relay_of
+from relay.errors import RelayError
+from relay.service import Passthrough
+from relay.store import Route
+from relay.upstream import Upstream
+
+router = APIRouter()
+
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    authorize(request, "infer")
+    rows = await relay_of(request).store.list_rows()
+    data = [
+        {
+            "id": r["name"],
+            "object": "model",
+            "created": int(float(r.get("createdAt") or 0)),
+            "owned_by": r.get("principal") or "relay",
+            "status": r.get("status"),
+            "kind": r.get("kind"),
+            "description": r.get("description", ""),
+        }
+        for r in rows
+    ]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _infer(request, "/v1/chat/completions")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _infer(request, "/v1/completions")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _infer(request, "/v1/embeddings")
+
+
+def _check(body: dict[str, Any], path: str) -> tuple[str, bool]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RelayError(
+            422, "'model' is required: the name of an Llm (see GET /v1/models)", "invalid_model"
+        )
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RelayError(422, "'stream' must be true or false", "invalid_stream")
+    if path == "/v1/embeddings" and stream:
+        raise RelayError(422, "embeddings cannot be streamed", "invalid_stream")
+    return model, stream
+
+
+async def _infer(request: Request, path: str) -> Response:
+    authorize(request, "infer")
+    relay = relay_of(request)
+    raw, body = await read_json_object(request)
+    model, stream = _check(body, path)
+    if b"\n" in raw or b"\r" in raw:  # the task travels as one SSE data line
+        raw = orjson.dumps(body)
+    target = await relay.submit(model, path, raw, stream)
+    if isinstance(target, Route):
+        upstream: Upstream = request.app.state.upstream
+        return await upstream.forward(model, target, path, body, stream)
+    if not stream:
+        status, content = await relay.result(target)
+        return Response(content, status_code=status, media_type="application/json")
+    try:
+        first = await relay.first(target)
+    except Passthrough as answer:
+        return Response(answer.body, status_code=answer.status, media_type="application/json")
+    return StreamingResponse(
+        relay.stream(target, first), media_type="text/event-stream", headers=_SSE_HEADERS
+    )

@@ -1,0 +1,97 @@
+"""This replica's inbox: a Redis stream other replicas XADD to.
+
+One reader task blocks on XREAD (no polling) and hands every entry to the
+service's dispatcher. It tracks the last id it read, so a reconnect after a
+Redis failover resumes where it stopped instead of skipping what arrived in
+between. ``healthy`` tells /readyz whether delivery works: a reader that has
+not completed a read within two block periods is stalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("relay.bus")
+
+Message = dict[bytes, bytes]
+Dispatch = Callable[[Message], None]
+
+
+class Inbox:
+    def __init__(
+        self,
+        redis: Redis,
+        stream: str,
+        dispatch: Dispatch,
+        *,
+        block_seconds: float = 5.0,
+        batch: int = 512,
+    ) -> None:
+        self._redis = redis
+        self._stream = stream
+        self._dispatch = dispatch
+        self._block_ms = int(block_seconds * 1000)
+        self._batch = batch
+        self._last_id = b"0-0"
+        self._last_ok = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    @property
+    def healthy(self) -> bool:
+        stall = 2 * self._block_ms / 1000 + 1
+        return (
+            self._task is not None
+            and not self._task.done()
+            and time.monotonic() - self._last_ok < stall
+        )
+
+    async def start(self) -> None:
+        # Start after what is already there: a replica id is fresh per process,
+        # so anything older is not for this process.
+        try:
+            info = await self._redis.xinfo_stream(self._stream)
+            self._last_id = info["last-generated-id"]
+        except RedisError:
+            self._last_id = b"0-0"  # no stream yet
+        self._task = asyncio.create_task(self._run(), name=f"inbox {self._stream}")
+        await asyncio.wait_for(self._started.wait(), 5)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                self._started.set()
+                reply = await self._redis.xread(
+                    {self._stream: self._last_id}, count=self._batch, block=self._block_ms
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or failing over: retry, stay unready
+                log.warning("inbox read failed (%s); retrying in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            self._last_ok = time.monotonic()
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    try:
+                        self._dispatch(fields)
+                    except Exception:
+                        log.exception("inbox message %s could not be dispatched", entry_id)

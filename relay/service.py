@@ -1,0 +1,458 @@
+"""The relay service: what one replica does with a request.
+
+It owns this replica's live state (the publisher channels it holds, the
+consumer requests waiting here, its inbox reader) and decides, per request,
+where work goes: to a local channel, to another replica's inbox, to a public
+upstream, or back as an error. Row rules live in ``relay.lifecycle``; Redis
+I/O in ``relay.store``; HTTP in ``relay.api``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from relay import wire
+from relay.auth import Principal
+from relay.bus import Inbox, Message
+from relay.config import Settings
+from relay.connections import Clients
+from relay.errors import RelayError, error_body, status_type
+from relay.keys import Keys
+from relay.lifecycle import Conflict
+from relay.sessions import Channel, Sessions
+from relay.store import Forbidden, NotFound, Route, Store
+from relay.tasks import Item, Pending, PendingTasks
+
+log = logging.getLogger("relay.service")
+
+Clock = Callable[[], float]
+
+LIVENESS_TTL = 15.0
+LIVENESS_EVERY = 5.0
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_DONE = b"data: [DONE]\n\n"
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        *,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.replica_id = settings.replica_id
+        self.clock = clock
+        self.clients = clients
+        self.keys = Keys(settings.redis_prefix)
+        self.store = Store(
+            clients.commands, self.keys, settings.lifecycle, inbox_maxlen=settings.inbox_maxlen
+        )
+        self.sessions = Sessions()
+        self.pending = PendingTasks()
+        self.inbox = Inbox(clients.blocking, self.keys.inbox(self.replica_id), self._on_message)
+        self.draining = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # --- lifecycle of the replica -------------------------------------------
+    async def start(self) -> None:
+        await self.store.replica_alive(self.replica_id, LIVENESS_TTL, self.clock())
+        await self.inbox.start()
+        self._loops.append(asyncio.create_task(self._liveness_loop(), name="liveness"))
+        log.info(
+            "replica %s up (%s store)",
+            self.replica_id,
+            "embedded in-process" if self.clients.embedded else "shared Redis",
+        )
+
+    async def stop(self) -> None:
+        self.draining = True
+        for ch in self.sessions.all():
+            ch.close()
+        for loop in self._loops:
+            loop.cancel()
+        await self.inbox.stop()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        try:
+            await self.store.replica_gone(self.replica_id)
+        except Exception as exc:  # Redis gone at shutdown: the worker cleans up
+            log.warning("could not deregister replica %s: %s", self.replica_id, exc)
+        log.info("replica %s stopped", self.replica_id)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: stop taking publishers, ask the connected ones to resume on
+        another replica (their rows stay active), and let /readyz fail so the
+        load balancer stops sending consumers. Requests in flight finish."""
+        if self.draining:
+            return
+        self.draining = True
+        channels = self.sessions.all()
+        for ch in channels:
+            ch.send_json(wire.EVENT_RECONNECT, {})
+            ch.close(taken_over=True)
+        log.info(
+            "replica %s draining: %d publisher(s) asked to reconnect elsewhere, %d request(s) in flight",
+            self.replica_id,
+            len(channels),
+            len(self.pending),
+        )
+
+    async def ready(self) -> bool:
+        if self.draining or not self.inbox.healthy:
+            return False
+        try:
+            await self.clients.commands.ping()
+        except Exception:
+            return False
+        return True
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LIVENESS_EVERY)
+            try:
+                await self.store.replica_alive(self.replica_id, LIVENESS_TTL, self.clock())
+            except Exception as exc:
+                log.warning("replica liveness update failed: %s", exc)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``coro`` detached from the request (whose scope may be cancelled)."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- publisher sessions ---------------------------------------------------
+    async def open_channel(self, principal: Principal, resume: str | None) -> Channel:
+        if resume is not None and not _SESSION_ID.match(resume):
+            raise RelayError(400, "sessionId must be 8 to 64 URL-safe characters", "bad_session_id")
+        if self.draining:
+            raise RelayError(
+                503,
+                "this replica is draining; connect again",
+                "draining",
+                headers={"Retry-After": "1"},
+            )
+        sid = resume or new_id()
+        channel = Channel(sid, principal.name)
+        try:
+            old_replica, _ = await self.store.bind(
+                sid, principal.name, self.replica_id, channel.channel_id, self.clock()
+            )
+        except Forbidden as exc:
+            raise RelayError(403, str(exc), "session_forbidden") from None
+        replaced = self.sessions.add(channel)
+        if replaced is not None:
+            replaced.close(taken_over=True)
+        channel.send_json(
+            wire.EVENT_SESSION,
+            {
+                "sessionId": sid,
+                "heartbeatIntervalSeconds": self.settings.heartbeat_interval_seconds,
+            },
+        )
+        how = "resumed" if resume else "opened"
+        if old_replica:
+            how = f"taken over from replica {old_replica}"
+        log.info("session %s %s by %s on replica %s", sid, how, principal.name, self.replica_id)
+        return channel
+
+    async def close_channel(self, channel: Channel) -> None:
+        """The SSE connection ended. Unless a newer channel took the session
+        over, its rows go inactive and its in-flight tasks fail everywhere."""
+        self.sessions.discard(channel)
+        if channel.taken_over:
+            log.info("session %s: old channel closed after takeover", channel.session_id)
+            return
+        orphans = await self.store.unbind(channel.session_id, channel.channel_id, self.clock())
+        log.info(
+            "session %s disconnected: rows inactive, %d in-flight task(s) failed",
+            channel.session_id,
+            len(orphans),
+        )
+
+    async def register(
+        self, principal: Principal, sid: str, providers: list[wire.ProviderSpec]
+    ) -> list[dict[str, str]]:
+        try:
+            rows = await self.store.register(sid, principal.name, providers, self.clock())
+        except NotFound as exc:
+            raise RelayError(404, str(exc), "session_not_found") from None
+        except Forbidden as exc:
+            raise RelayError(403, str(exc), "session_forbidden") from None
+        except Conflict as exc:
+            raise RelayError(exc.status, exc.message, "name_conflict") from None
+        log.info(
+            "session %s registered %s",
+            sid,
+            ", ".join(f"{r['name']} ({r['status']})" for r in rows),
+        )
+        return rows
+
+    async def heartbeat(self, principal: Principal, sid: str) -> list[str]:
+        try:
+            return await self.store.heartbeat(sid, principal.name, self.clock())
+        except NotFound as exc:
+            raise RelayError(404, str(exc), "session_not_found") from None
+        except Forbidden as exc:
+            raise RelayError(403, str(exc), "session_forbidden") from None
+
+    # --- task posts from publishers -----------------------------------------------
+    async def post_chunks(self, principal: Principal, sid: str, task_id: str, raw: bytes) -> None:
+        local = self.pending.get(task_id)
+        if local is not None and local.session_id == sid and local.principal == principal.name:
+            local.put(Item("chunks", raw))  # consumer waits here: no Redis at all
+            return
+        await self._post(principal, sid, task_id, "chunks", raw, final=False)
+
+    async def post_result(self, principal: Principal, sid: str, task_id: str, raw: bytes) -> None:
+        await self._post(principal, sid, task_id, "result", raw, final=True)
+
+    async def _post(
+        self, principal: Principal, sid: str, task_id: str, kind: str, raw: bytes, *, final: bool
+    ) -> None:
+        try:
+            where = await self.store.post(
+                task_id, sid, principal.name, self.replica_id, kind, raw, final=final
+            )
+        except NotFound as exc:
+            raise RelayError(404, str(exc), "task_not_found") from None
+        except Forbidden as exc:
+            raise RelayError(403, str(exc), "task_forbidden") from None
+        if where == self.replica_id:
+            self.pending.deliver(task_id, Item("chunks" if kind == "chunks" else "result", raw))
+
+    # --- consumer requests ----------------------------------------------------------
+    async def submit(self, name: str, path: str, raw: bytes, stream: bool) -> Pending | Route:
+        """Route a consumer request. Returns the pending task to wait on, or
+        the public row's Route for the caller to proxy."""
+        task_id = new_id()
+        pending = Pending(task_id, name, stream)
+        self.pending.add(pending)  # before routing: a fast answer must find it
+        payload = b"".join(
+            (
+                b'{"kind":"infer","taskId":"',
+                task_id.encode(),
+                b'","llmName":',
+                orjson.dumps(name),
+                b',"path":"',
+                path.encode(),
+                b'","stream":',
+                b"true" if stream else b"false",
+                b',"body":',
+                raw,
+                b"}",
+            )
+        )
+        try:
+            route = await self.store.route(name, task_id, self.replica_id, self.clock(), payload)
+        except BaseException:
+            self.pending.pop(task_id)
+            raise
+        if route.outcome != "ok":
+            self.pending.pop(task_id)
+            if route.outcome == "public":
+                return route
+            raise self._unroutable(name, route)
+        pending.session_id = route.session_id
+        pending.principal = route.principal
+        pending.replica = route.replica
+        if route.replica == self.replica_id:
+            channel = self.sessions.get(route.session_id)
+            if channel is None or channel.closed:
+                self.pending.pop(task_id)
+                self.spawn(self.store.cancel(task_id, self.replica_id), "cancel")
+                raise RelayError(503, f"the publisher of {name!r} is offline", "provider_offline")
+            channel.send(wire.EVENT_TASK, payload)
+        return pending
+
+    def _unroutable(self, name: str, route: Route) -> RelayError:
+        match route.outcome:
+            case "unknown":
+                return RelayError(404, f"The model {name!r} does not exist", "model_not_found")
+            case "inactive" | "offline":
+                return RelayError(
+                    503,
+                    f"the publisher of {name!r} is offline; try again when it reconnects",
+                    "provider_offline",
+                    headers={"Retry-After": "5"},
+                )
+            case "hibernating":
+                return RelayError(
+                    503, f"{name!r} is hibernating and cannot be woken yet", "hibernating"
+                )
+            case _:
+                return RelayError(500, f"unexpected route outcome {route.outcome!r}")
+
+    async def result(self, pending: Pending) -> tuple[int, bytes]:
+        """Wait for a non-streaming task's answer: (status, JSON body)."""
+        try:
+            item = await self._next(pending)
+            while item.kind == "chunks":  # a publisher streamed a non-stream task: ignore
+                item = await self._next(pending)
+            if item.kind == "fail":
+                raise RelayError(item.status, item.message, _fail_code(item.status))
+            return self._decode_result(pending, item.payload)
+        finally:
+            self._finish(pending)
+
+    async def first(self, pending: Pending) -> Item:
+        """Wait for a streaming task's first item; errors before any chunk
+        become plain HTTP errors with the right status."""
+        try:
+            item = await self._next(pending)
+        except BaseException:
+            self._finish(pending)
+            raise
+        if item.kind == "fail":
+            self._finish(pending)
+            raise RelayError(item.status, item.message, _fail_code(item.status))
+        if item.kind == "result":
+            self._finish(pending)
+            status, body = self._decode_result(pending, item.payload)
+            raise _Passthrough(status, body)
+        return item
+
+    async def stream(self, pending: Pending, first: Item) -> AsyncIterator[bytes]:
+        """The consumer's SSE body, from the first chunk batch to ``[DONE]``."""
+        try:
+            item = first
+            while True:
+                if item.kind == "chunks":
+                    chunks = pending.take_chunks(item.payload)
+                    if chunks:
+                        yield b"".join(b"data: " + c.encode() + b"\n\n" for c in chunks)
+                elif item.kind == "fail":
+                    yield _error_event(item.status, item.message)
+                    return
+                else:
+                    body = orjson.loads(item.payload)
+                    if "error" in body:
+                        yield _error_event(502, self._publisher_failed(pending, body["error"]))
+                    elif body.get("status", 200) >= 400:
+                        yield _error_event(
+                            502, f"backend of {pending.llm!r} answered {body['status']} mid-stream"
+                        )
+                    else:
+                        yield _DONE
+                    return
+                item = await self._next(pending)
+        except RelayError as exc:
+            yield _error_event(exc.status, exc.message)
+        finally:
+            self._finish(pending)
+
+    async def _next(self, pending: Pending) -> Item:
+        try:
+            item = await asyncio.wait_for(pending.queue.get(), self.settings.task_timeout_seconds)
+        except TimeoutError:
+            raise RelayError(
+                504,
+                f"{pending.llm!r} gave no answer within {self.settings.task_timeout_seconds:g} s",
+                "timeout",
+            ) from None
+        if item.kind != "chunks":
+            pending.answered = True
+        return item
+
+    def _decode_result(self, pending: Pending, payload: bytes) -> tuple[int, bytes]:
+        body = orjson.loads(payload)
+        if "error" in body:
+            raise RelayError(502, self._publisher_failed(pending, body["error"]), "publisher_error")
+        return int(body.get("status", 200)), orjson.dumps(body.get("body"))
+
+    def _publisher_failed(self, pending: Pending, error: object) -> str:
+        return f"the publisher of {pending.llm!r} failed: {error}"
+
+    def _finish(self, pending: Pending) -> None:
+        """The consumer is done with a task, answered or not. If no final
+        answer came, tell the publisher to stop and forget the task."""
+        if self.pending.pop(pending.task_id) is None:
+            return
+        if not pending.answered:
+            self.spawn(self._cancel(pending), f"cancel {pending.task_id}")
+
+    async def _cancel(self, pending: Pending) -> None:
+        where, sid = await self.store.cancel(pending.task_id, self.replica_id)
+        if where == "local":
+            channel = self.sessions.get(sid)
+            if channel is not None:
+                channel.send_json(wire.EVENT_CANCEL, {"taskId": pending.task_id})
+        if where != "none":
+            log.info(
+                "task %s for %s cancelled: the consumer went away", pending.task_id, pending.llm
+            )
+
+    # --- inbox ------------------------------------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        kind = msg[b"k"]
+        if kind in (b"chunks", b"result"):
+            self.pending.deliver(msg[b"t"].decode(), Item(kind.decode(), msg[b"d"]))  # type: ignore[arg-type]
+        elif kind == b"fail":
+            self.pending.deliver(
+                msg[b"t"].decode(), Item("fail", status=int(msg[b"c"]), message=msg[b"d"].decode())
+            )
+        elif kind == b"task":
+            channel = self.sessions.get(msg[b"s"].decode())
+            if channel is not None and not channel.closed:
+                channel.send(wire.EVENT_TASK, msg[b"d"])
+            else:
+                self.spawn(
+                    self._undeliverable(msg[b"t"].decode(), msg[b"s"].decode()), "undeliverable"
+                )
+        elif kind == b"cancel":
+            channel = self.sessions.get(msg[b"s"].decode())
+            if channel is not None:
+                channel.send_json(wire.EVENT_CANCEL, {"taskId": msg[b"t"].decode()})
+        elif kind == b"close":
+            channel = self.sessions.find(msg[b"s"].decode(), msg[b"c"].decode())
+            if channel is not None:
+                channel.close(taken_over=True)
+        else:
+            log.warning("inbox: unknown message kind %r", kind)
+
+    async def _undeliverable(self, task_id: str, sid: str) -> None:
+        """A task reached this replica after its session left: fail it back."""
+        failed = await self.store.fail_task(
+            task_id, 503, "the publisher disconnected before the task reached it", self.replica_id
+        )
+        if failed == self.replica_id:
+            self.pending.deliver(
+                task_id, Item("fail", status=503, message="the publisher disconnected")
+            )
+        log.info("task %s for session %s undeliverable: session not held here", task_id, sid)
+
+
+class _Passthrough(Exception):
+    """A streaming request answered without a stream (an upstream error, say):
+    the API passes the status and body through as a plain response."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+
+Passthrough = _Passthrough
+
+
+def _fail_code(status: int) -> str:
+    return {502: "publisher_disconnected", 503: "provider_offline", 504: "timeout"}.get(
+        status, "relay_error"
+    )
+
+
+def _error_event(status: int, message: str) -> bytes:
+    return b"data: " + error_body(message, status_type(status), _fail_code(status)) + b"\n\n"
