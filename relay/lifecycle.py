@@ -138,3 +138,26 @@ def _float(value: str | None) -> float:
         return float(value) if value else 0.0
     except ValueError:
         return 0.0
+
+
+TaskSweepAction = Literal["orphaned", "expired"]
+
+# Task records outlive their timeout by this much in Redis (the store's TTL),
+# so that a late answer still finds its task and is dropped cleanly.
+TASK_GRACE_SECONDS = 5.0
+
+
+def plan_task_sweep(
+    task: Row, now: float, lc: Lifecycle, *, consumer_alive: bool
+) -> TaskSweepAction | None:
+    """What housekeeping does to a task record: nobody waits for its answer
+    once the replica of its consumer is gone ("orphaned"), and nobody waits
+    past its timeout plus the grace ("expired": a wake task has the wake
+    timeout, any other the task timeout). Both are removed; the TTL normally
+    does it, this covers records that lost it or a replica that crashed."""
+    if not consumer_alive:
+        return "orphaned"
+    limit = lc.wake_timeout if task.get("kind") == "wake" else lc.task_timeout
+    if now - _float(task.get("createdAt")) >= limit + TASK_GRACE_SECONDS:
+        return "expired"
+    return None

@@ -39,6 +39,8 @@ LIVENESS_TTL = 15.0
 LIVENESS_EVERY = 5.0
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _DONE = b"data: [DONE]\n\n"
+_KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE_SECONDS = 15.0
 
 
 def new_id() -> str:
@@ -240,7 +242,12 @@ class Relay:
         """Route a consumer request. Returns the pending task to wait on, or
         the public row's Route for the caller to proxy."""
         task_id = new_id()
-        pending = Pending(task_id, name, stream)
+        pending = Pending(
+            task_id,
+            name,
+            stream,
+            deadline=asyncio.get_running_loop().time() + self.settings.task_timeout_seconds,
+        )
         self.pending.add(pending)  # before routing: a fast answer must find it
         payload = b"".join(
             (
@@ -300,20 +307,23 @@ class Relay:
     async def result(self, pending: Pending) -> tuple[int, bytes]:
         """Wait for a non-streaming task's answer: (status, JSON body)."""
         try:
-            item = await self._next(pending)
+            item = await self._wait(pending)
             while item.kind == "chunks":  # a publisher streamed a non-stream task: ignore
-                item = await self._next(pending)
+                item = await self._wait(pending)
             if item.kind == "fail":
                 raise RelayError(item.status, item.message, _fail_code(item.status))
             return self._decode_result(pending, item.payload)
         finally:
             self._finish(pending)
 
-    async def first(self, pending: Pending) -> Item:
-        """Wait for a streaming task's first item; errors before any chunk
-        become plain HTTP errors with the right status."""
+    async def first(self, pending: Pending, headstart: float) -> Item | None:
+        """Wait up to ``headstart`` seconds for a streaming task's first item,
+        so that an error before any chunk (offline, an upstream 4xx) still gets
+        its own HTTP status. ``None``: nothing yet, start the stream anyway."""
         try:
-            item = await self._next(pending)
+            item = await self._next(pending, min(headstart, self._remaining(pending)))
+        except TimeoutError:
+            return None
         except BaseException:
             self._finish(pending)
             raise
@@ -326,11 +336,21 @@ class Relay:
             raise _Passthrough(status, body)
         return item
 
-    async def stream(self, pending: Pending, first: Item) -> AsyncIterator[bytes]:
-        """The consumer's SSE body, from the first chunk batch to ``[DONE]``."""
+    async def stream(self, pending: Pending, first: Item | None) -> AsyncIterator[bytes]:
+        """The consumer's SSE body, from the first chunk batch to ``[DONE]``,
+        with a keep-alive comment whenever the model is quiet for a while."""
         try:
             item = first
             while True:
+                if item is None:
+                    remaining = self._remaining(pending)
+                    if remaining <= 0:
+                        raise self._timed_out(pending)
+                    try:
+                        item = await self._next(pending, min(KEEPALIVE_SECONDS, remaining))
+                    except TimeoutError:
+                        yield _KEEPALIVE
+                        continue
                 if item.kind == "chunks":
                     chunks = pending.take_chunks(item.payload)
                     if chunks:
@@ -349,21 +369,31 @@ class Relay:
                     else:
                         yield _DONE
                     return
-                item = await self._next(pending)
+                item = None
         except RelayError as exc:
             yield _error_event(exc.status, exc.message)
         finally:
             self._finish(pending)
 
-    async def _next(self, pending: Pending) -> Item:
+    def _remaining(self, pending: Pending) -> float:
+        return pending.deadline - asyncio.get_running_loop().time()
+
+    def _timed_out(self, pending: Pending) -> RelayError:
+        return RelayError(
+            504,
+            f"{pending.llm!r} gave no answer within {self.settings.task_timeout_seconds:g} s",
+            "timeout",
+        )
+
+    async def _wait(self, pending: Pending) -> Item:
+        """The next item within the task's deadline, or a 504."""
         try:
-            item = await asyncio.wait_for(pending.queue.get(), self.settings.task_timeout_seconds)
+            return await self._next(pending, self._remaining(pending))
         except TimeoutError:
-            raise RelayError(
-                504,
-                f"{pending.llm!r} gave no answer within {self.settings.task_timeout_seconds:g} s",
-                "timeout",
-            ) from None
+            raise self._timed_out(pending) from None
+
+    async def _next(self, pending: Pending, timeout: float) -> Item:
+        item = await asyncio.wait_for(pending.queue.get(), max(timeout, 0))
         if item.kind != "chunks":
             pending.answered = True
         return item

@@ -30,6 +30,7 @@ class Pending:
     task_id: str
     llm: str
     stream: bool
+    deadline: float = 0.0  # loop time by which the whole task must be answered
     session_id: str = ""
     principal: str = ""  # the publisher principal that owns the session
     replica: str = ""  # the replica holding the session when routed

@@ -21,6 +21,11 @@ from relay.upstream import Upstream
 
 router = APIRouter()
 
+# How long a stream may wait for its first chunk before the response starts:
+# an error within that time keeps its own HTTP status; after it, the stream
+# starts (200) and an error becomes a final error event.
+STREAM_HEADSTART_SECONDS = 1.0
+
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -89,7 +94,7 @@ async def _infer(request: Request, path: str) -> Response:
         status, content = await relay.result(target)
         return Response(content, status_code=status, media_type="application/json")
     try:
-        first = await relay.first(target)
+        first = await relay.first(target, STREAM_HEADSTART_SECONDS)
     except Passthrough as answer:
         return Response(answer.body, status_code=answer.status, media_type="application/json")
     return StreamingResponse(
