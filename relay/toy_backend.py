@@ -181,7 +181,7 @@ def create_toy_backend(
             return _error(knobs.status, f"toy error {knobs.status} as requested")
         return body, knobs
 
-    async def answer(body: dict[str, Any], knobs: _Knobs, reply: dict[str, Any]) -> Response:
+    async def answer(knobs: _Knobs, reply: dict[str, Any]) -> Response:
         counters.active += 1
         counters.max_active = max(counters.max_active, counters.active)
         try:
@@ -235,7 +235,6 @@ def create_toy_backend(
         created = int(time.time())
         if not body.get("stream"):
             return await answer(
-                body,
                 knobs,
                 {
                     "id": cid,
@@ -298,7 +297,6 @@ def create_toy_backend(
         created = int(time.time())
         if not body.get("stream"):
             return await answer(
-                body,
                 knobs,
                 {
                     "id": cid,
@@ -344,7 +342,6 @@ def create_toy_backend(
         ]
         tokens = sum(len(str(text).split()) for text in inputs)
         return await answer(
-            body,
             knobs,
             {
                 "object": "list",
