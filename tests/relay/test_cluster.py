@@ -1,0 +1,170 @@
+"""Three real replica processes on one real redis-server: the publisher's
+channel on A, consumers on B, result posts through C, so every request
+crosses replicas through the inbox streams."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import openai
+
+import pytest
+
+from tests.support.procs import RedisProcess, ReplicaProcess
+from tests.support.scripted import ScriptedPublisher, echo_handler
+
+
+class Cluster:
+    def __init__(self, redis: RedisProcess) -> None:
+        self.prefix = f"c{uuid.uuid4().hex[:8]}"
+        self.replicas = [
+            ReplicaProcess(redis.url, prefix=self.prefix, replica_id=f"r{i}-{self.prefix}")
+            for i in range(3)
+        ]
+
+    @property
+    def a(self) -> ReplicaProcess:
+        return self.replicas[0]
+
+    @property
+    def b(self) -> ReplicaProcess:
+        return self.replicas[1]
+
+    @property
+    def c(self) -> ReplicaProcess:
+        return self.replicas[2]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {r.replica_id}\n{r.log()[-3000:]}" for r in self.replicas)
+
+    def stop(self) -> None:
+        for r in self.replicas:
+            r.terminate(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_proc: RedisProcess) -> Iterator[Cluster]:
+    c = Cluster(redis_proc)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+async def consumer(cluster: Cluster) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(
+        base_url=cluster.b.url + "/v1", api_key="unused", max_retries=0, timeout=20
+    )
+    yield client
+    await client.close()
+
+
+async def published(cluster: Cluster, name: str, handler: Any = echo_handler) -> ScriptedPublisher:
+    pub = ScriptedPublisher(cluster.a.url, post_url=cluster.c.url, handler=handler)
+    await pub.connect()
+    r = await pub.register({"name": name, "type": "openai", "model": "m"})
+    assert r.status_code == 200, r.text
+    return pub
+
+
+async def test_non_streaming_across_replicas(
+    cluster: Cluster, consumer: openai.AsyncOpenAI
+) -> None:
+    pub = await published(cluster, "x-plain")
+    reply = await consumer.chat.completions.create(
+        model="x-plain", messages=[{"role": "user", "content": "across"}]
+    )
+    assert reply.choices[0].message.content == "echo: across"
+    await pub.aclose()
+
+
+async def test_streaming_across_replicas(cluster: Cluster, consumer: openai.AsyncOpenAI) -> None:
+    pub = await published(cluster, "x-stream")
+    stream = await consumer.chat.completions.create(
+        model="x-stream", messages=[{"role": "user", "content": "a b c d"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "a b c d "
+    await pub.aclose()
+
+
+async def test_200_concurrent_streams_every_chunk_once_in_order(cluster: Cluster) -> None:
+    pub = await published(cluster, "x-many")
+    n_chunks = 40
+    clients = [
+        openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for r in (cluster.b, cluster.c)
+    ]
+
+    async def one(i: int) -> list[str]:
+        stream = await clients[i % 2].chat.completions.create(
+            model="x-many",
+            messages=[{"role": "user", "content": str(i)}],
+            stream=True,
+            extra_body={"x_chunks": n_chunks},
+        )
+        return [c.choices[0].delta.content or "" async for c in stream]
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 90)
+    expected = [str(k) for k in range(n_chunks)]
+    bad = [i for i, got in enumerate(results) if got != expected]
+    print(f"200 streams x {n_chunks} chunks: {200 - len(bad)} complete and in order")
+    assert not bad, f"streams {bad[:5]} differ, e.g. {results[bad[0]][:10]}"
+    for c in clients:
+        await c.close()
+    await pub.aclose()
+
+
+async def test_publisher_disconnect_fails_in_flight_consumers_within_1s(
+    cluster: Cluster, consumer: openai.AsyncOpenAI
+) -> None:
+    pub = await published(cluster, "x-drop", handler=None)
+    calls = [
+        asyncio.create_task(consumer.chat.completions.create(model="x-drop", messages=[]))
+        for _ in range(5)
+    ]
+    for _ in calls:
+        await pub.next_event("task")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await pub.disconnect()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 3)
+    elapsed = loop.time() - start
+    assert elapsed < 1.0, f"consumers failed after {elapsed:.2f} s"
+    assert all(isinstance(r, openai.APIStatusError) and r.status_code == 502 for r in results), (
+        results
+    )
+    # Offline now: the next request is refused at once, nothing queued.
+    with pytest.raises(openai.APIStatusError) as err:
+        await asyncio.wait_for(consumer.chat.completions.create(model="x-drop", messages=[]), 2)
+    assert err.value.status_code == 503
+    await pub.aclose()
+
+
+async def test_takeover_from_another_replica_keeps_rows_active(
+    cluster: Cluster, consumer: openai.AsyncOpenAI
+) -> None:
+    pub = await published(cluster, "x-move")
+    moved = ScriptedPublisher(cluster.b.url, post_url=cluster.c.url, handler=echo_handler)
+    await moved.connect(resume=pub.session_id)
+    await asyncio.wait_for(pub.closed.wait(), 5)  # replica A closed the old channel
+    models = {m.id: m.model_extra for m in (await consumer.models.list()).data}
+    assert models["x-move"] and models["x-move"]["status"] == "active"
+    reply = await consumer.chat.completions.create(
+        model="x-move", messages=[{"role": "user", "content": "moved"}]
+    )
+    assert reply.choices[0].message.content == "echo: moved"
+    await pub.aclose()
+    await moved.aclose()
+
+
+async def test_models_are_the_same_on_every_replica(cluster: Cluster) -> None:
+    pub = await published(cluster, "x-everywhere")
+    seen = []
+    for r in cluster.replicas:
+        client = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="unused", max_retries=0)
+        seen.append(sorted(m.id for m in (await client.models.list()).data))
+        await client.close()
+    assert seen[0] == seen[1] == seen[2] and "x-everywhere" in seen[0]
+    await pub.aclose()
