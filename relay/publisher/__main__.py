@@ -1,0 +1,7 @@
+"""``python -m relay.publisher --config providers.yaml``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
