@@ -8,6 +8,7 @@ Runs the arq worker whose cron job sweeps the shared Redis every
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -65,5 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     quiet_arq_job_lines()
-    Worker(**options).run()
+    try:
+        Worker(**options).run()
+    except asyncio.CancelledError:  # a job cancelled by SIGTERM mid-run: still a clean stop
+        pass
     return 0

@@ -6,6 +6,7 @@ embedded mode runs exactly the same code without arq.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     """Build the Store once per worker process. Its client is the relay's own
     (``relay.connections``): retries on connection errors, Sentinel aware."""
     settings: Settings = ctx.get("settings") or load_settings()
+    _ensure_logging(settings.log_level)
     clients: Clients = connect(
         redis_url(settings),
         settings.redis_sentinels,
@@ -47,6 +49,19 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.lifecycle,
         inbox_maxlen=settings.inbox_maxlen,
     )
+
+
+def _ensure_logging(level: str) -> None:
+    """Under ``arq worker.settings.WorkerSettings`` only arq's own loggers have
+    a handler; give ours one, or the sweep's line goes nowhere. (``relay
+    worker`` configures the root logger itself.)"""
+    ours = logging.getLogger("relay")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(level)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

@@ -131,10 +131,12 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 class _JobLineFilter(logging.Filter):
-    """Drop arq's per-job start line: each job logs its own single line."""
+    """Drop arq's per-job start and finish lines (each job logs its own one
+    line); keep its retry, abort and failure lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith("%6.2fs →"))
+        msg = record.msg
+        return not (isinstance(msg, str) and msg.startswith(("%6.2fs → ", "%6.2fs ← ")))
 
 
 def quiet_arq_job_lines() -> None:
