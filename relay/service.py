@@ -30,6 +30,7 @@ from relay.lifecycle import Conflict
 from relay.sessions import Channel, Sessions
 from relay.store import Forbidden, NotFound, Route, Store
 from relay.tasks import Item, Pending, PendingTasks
+from relay.wake import Waker
 
 log = logging.getLogger("relay.service")
 
@@ -41,6 +42,7 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _DONE = b"data: [DONE]\n\n"
 _KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_SECONDS = 15.0
+WAKE_COMMENT_SECONDS = 5.0
 
 
 def new_id() -> str:
@@ -66,6 +68,7 @@ class Relay:
         self.sessions = Sessions()
         self.pending = PendingTasks()
         self.inbox = Inbox(clients.blocking, self.keys.inbox(self.replica_id), self._on_message)
+        self.waker = Waker(self)
         self.draining = False
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -239,8 +242,9 @@ class Relay:
 
     # --- consumer requests ----------------------------------------------------------
     async def submit(self, name: str, path: str, raw: bytes, stream: bool) -> Pending | Route:
-        """Route a consumer request. Returns the pending task to wait on, or
-        the public row's Route for the caller to proxy."""
+        """Route a consumer request. Returns the pending task to wait on, or a
+        Route: a public row's, for the caller to proxy, or a hibernating row's,
+        for the caller to wake (``awaken``) first."""
         task_id = new_id()
         pending = Pending(
             task_id,
@@ -271,7 +275,7 @@ class Relay:
             raise
         if route.outcome != "ok":
             self.pending.pop(task_id)
-            if route.outcome == "public":
+            if route.outcome in ("public", "hibernating"):
                 return route
             raise self._unroutable(name, route)
         pending.session_id = route.session_id
@@ -286,6 +290,45 @@ class Relay:
             channel.send(wire.EVENT_TASK, payload)
         return pending
 
+    async def awaken(
+        self, name: str, route: Route, path: str, raw: bytes, stream: bool
+    ) -> Pending | Route:
+        """Wake a hibernating Llm (one wake for the whole cluster), then route
+        the request. Raises 503 ``wake_failed`` with the wake's error text."""
+        await self.waker.wait_awake(name, route.session_id, route.wake_seconds)
+        target = await self.submit(name, path, raw, stream)
+        if isinstance(target, Route) and target.outcome == "hibernating":
+            raise RelayError(503, f"{name!r} went back to hibernating; retry", "wake_failed")
+        return target
+
+    async def stream_waking(
+        self, name: str, waking: asyncio.Future[Pending | Route], started: float
+    ) -> AsyncIterator[bytes]:
+        """A stream whose Llm is still waking: SSE comments while it wakes (so
+        proxies keep the connection and a person sees why), then the stream."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not waking.done():
+                await asyncio.wait({waking}, timeout=WAKE_COMMENT_SECONDS)
+                if not waking.done():
+                    yield f": waking {name}, {loop.time() - started:.0f} s\n\n".encode()
+            target = waking.result()
+        except RelayError as exc:
+            yield _error_event(exc.status, exc.message, exc.code)
+            return
+        finally:
+            if not waking.done():
+                waking.cancel()
+        if not isinstance(target, Pending):
+            yield _error_event(503, f"{name!r} cannot be streamed after waking", "wake_failed")
+            return
+        try:
+            yield f": woke {name} in {(loop.time() - started) * 1000:.0f} ms\n\n".encode()
+            async for part in self.stream(target, None):
+                yield part
+        finally:
+            self._finish(target)  # idempotent; covers a consumer gone before the stream began
+
     def _unroutable(self, name: str, route: Route) -> RelayError:
         match route.outcome:
             case "unknown":
@@ -296,10 +339,6 @@ class Relay:
                     f"the publisher of {name!r} is offline; try again when it reconnects",
                     "provider_offline",
                     headers={"Retry-After": "5"},
-                )
-            case "hibernating":
-                return RelayError(
-                    503, f"{name!r} is hibernating and cannot be woken yet", "hibernating"
                 )
             case _:
                 return RelayError(500, f"unexpected route outcome {route.outcome!r}")
@@ -447,6 +486,8 @@ class Relay:
             channel = self.sessions.get(msg[b"s"].decode())
             if channel is not None:
                 channel.send_json(wire.EVENT_CANCEL, {"taskId": msg[b"t"].decode()})
+        elif kind == b"wake":
+            self.waker.on_message(msg[b"n"].decode(), msg[b"ok"] == b"1", msg[b"d"].decode())
         elif kind == b"close":
             channel = self.sessions.find(msg[b"s"].decode(), msg[b"c"].decode())
             if channel is not None:
@@ -484,5 +525,6 @@ def _fail_code(status: int) -> str:
     )
 
 
-def _error_event(status: int, message: str) -> bytes:
-    return b"data: " + error_body(message, status_type(status), _fail_code(status)) + b"\n\n"
+def _error_event(status: int, message: str, code: str | None = None) -> bytes:
+    body = error_body(message, status_type(status), code or _fail_code(status))
+    return b"data: " + body + b"\n\n"

@@ -39,12 +39,17 @@ class Forbidden(Exception):
 # KEYS[1] llm row. ARGV: tag, taskId, consumerReplica, now, taskTtlMs,
 # payload, inboxMaxlen, llmName, kind.
 _ROUTE = """
-local row = redis.call('HMGET', KEYS[1], 'kind', 'status', 'providerSessionId', 'url', 'apiKey', 'model')
+local row = redis.call('HMGET', KEYS[1], 'kind', 'status', 'providerSessionId', 'url', 'apiKey', 'model',
+  'wakeMaxWaitSeconds')
 if not row[1] then return {'unknown'} end
 if row[1] == 'public' then return {'public', row[4] or '', row[5] or '', row[6] or ''} end
 if row[2] == 'inactive' then return {'inactive'} end
 local sid = row[3]
-if row[2] == 'hibernating' and ARGV[9] ~= 'wake' then return {'hibernating', sid} end
+if ARGV[9] == 'wake' then
+  if row[2] == 'active' then return {'awake'} end
+elseif row[2] == 'hibernating' then
+  return {'hibernating', sid, row[7] or ''}
+end
 local tag = ARGV[1]
 local skey = tag .. ':session:' .. sid
 local sess = redis.call('HMGET', skey, 'replica', 'principal')
@@ -107,7 +112,7 @@ return {'remote', sid}
 class Route:
     """Where a consumer request goes. ``outcome`` is one of: ok (pushed to
     ``replica`` for ``session_id``), unknown, inactive, hibernating, offline,
-    public (proxy to ``url``)."""
+    public (proxy to ``url``), awake (a wake task for a row already active)."""
 
     outcome: str
     replica: str = ""
@@ -116,6 +121,7 @@ class Route:
     url: str = ""
     api_key: str = ""
     model: str = ""
+    wake_seconds: str = ""  # hibernating: the publisher's wake bound, if it gave one
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +192,10 @@ class Store:
                 return Route("ok", replica=out[1], session_id=out[2], principal=out[3])
             case "public":
                 return Route("public", url=out[1], api_key=out[2], model=out[3])
-            case "hibernating" | "offline":
-                return Route(out[0], session_id=out[1])
+            case "hibernating":
+                return Route("hibernating", session_id=out[1], wake_seconds=out[2])
+            case "offline":
+                return Route("offline", session_id=out[1])
             case other:
                 return Route(other)
 
@@ -666,9 +674,12 @@ class Store:
     ) -> tuple[list[str], list[OrphanedTask]]:
         """``replica`` is dead and held ``sid``: the session ends as on a
         disconnect (rows inactive, in-flight tasks failed towards the
-        consumers' replicas) and forgets its binding, so that a reconnect
-        elsewhere sends nothing to the dead inbox. A session that moved to
-        another replica is only unlinked. Returns (rows flipped, tasks failed)."""
+        consumers' replicas). A session that moved to another replica is only
+        unlinked. The binding itself is kept: a replica that was only paused
+        past its liveness TTL still serves the session when it comes back
+        (the next heartbeat revives the rows), and the 'close' a reconnect
+        elsewhere sends to the dead inbox is swept with it next time.
+        Returns (rows flipped, tasks failed)."""
         live, skey = self.keys.replica(replica), self.keys.session(sid)
         linked = self.keys.replica_sessions(replica)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -684,8 +695,6 @@ class Store:
                     orphans: list[OrphanedTask] = []
                     if bound == replica or not exists:
                         flipped, orphans = await self._counted_fallout(pipe, sid, now)
-                        if bound == replica:
-                            pipe.hset(skey, mapping={"replica": "", "channel": ""})
                     else:
                         pipe.multi()
                     pipe.srem(linked, sid)

@@ -143,12 +143,15 @@ def create_toy_backend(
     *,
     model: str = "toy-model",
     asleep: bool = False,
+    wake_delay: float = 0.0,
     stats: ToyStats | None = None,
 ) -> Starlette:
     """Build the toy backend app; ``app.state.stats`` holds its :class:`ToyStats`.
 
     ``model`` is the id ``/v1/models`` lists (any requested model is accepted
-    and echoed back); ``asleep`` starts it in sleep mode.
+    and echoed back); ``asleep`` starts it in sleep mode; ``wake_delay``
+    is how long it stays asleep after ``POST /wake_up`` (a model loading).
+    ``app.state.toy`` is the mutable state (``{"asleep": bool}``).
     """
     counters = stats if stats is not None else ToyStats()
     state = {"asleep": asleep}
@@ -370,7 +373,10 @@ def create_toy_backend(
 
     async def wake_up(request: Request) -> Response:
         counters.wake_ups += 1
-        state["asleep"] = False
+        if wake_delay:
+            asyncio.get_running_loop().call_later(wake_delay, state.update, {"asleep": False})
+        else:
+            state["asleep"] = False
         return _json({"ok": True})
 
     async def is_sleeping(request: Request) -> Response:

@@ -7,6 +7,7 @@ through pydantic: it is the relay's latency.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from relay.errors import RelayError
 from relay.service import Passthrough
 from relay.store import Route
 from relay.upstream import Upstream
+from relay.wire import WAKE_MS_HEADER
 
 router = APIRouter()
 
@@ -87,16 +89,37 @@ async def _infer(request: Request, path: str) -> Response:
     if b"\n" in raw or b"\r" in raw:  # the task travels as one SSE data line
         raw = orjson.dumps(body)
     target = await relay.submit(model, path, raw, stream)
+    headers: dict[str, str] = {}
+    if isinstance(target, Route) and target.outcome == "hibernating":
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waking = asyncio.ensure_future(relay.awaken(model, target, path, raw, stream))
+        if stream:
+            await asyncio.wait({waking}, timeout=STREAM_HEADSTART_SECONDS)
+        else:
+            await asyncio.wait({waking})
+        headers[WAKE_MS_HEADER] = f"{(loop.time() - started) * 1000:.0f}"
+        if not waking.done():  # a stream whose Llm still wakes: start it, with comments
+            return StreamingResponse(
+                relay.stream_waking(model, waking, started),
+                media_type="text/event-stream",
+                headers={**_SSE_HEADERS, **headers},
+            )
+        target = waking.result()
     if isinstance(target, Route):
         upstream: Upstream = request.app.state.upstream
         return await upstream.forward(model, target, path, body, stream)
     if not stream:
         status, content = await relay.result(target)
-        return Response(content, status_code=status, media_type="application/json")
+        return Response(content, status_code=status, headers=headers, media_type="application/json")
     try:
         first = await relay.first(target, STREAM_HEADSTART_SECONDS)
     except Passthrough as answer:
-        return Response(answer.body, status_code=answer.status, media_type="application/json")
+        return Response(
+            answer.body, status_code=answer.status, headers=headers, media_type="application/json"
+        )
     return StreamingResponse(
-        relay.stream(target, first), media_type="text/event-stream", headers=_SSE_HEADERS
+        relay.stream(target, first),
+        media_type="text/event-stream",
+        headers={**_SSE_HEADERS, **headers},
     )

@@ -9,12 +9,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import openai
-
 import pytest
 
 from tests.support.procs import RedisProcess, ReplicaProcess
-from tests.support.scripted import ScriptedPublisher, echo_handler
+from tests.support.scripted import ScriptedPublisher, WakingPublisher, echo_handler
 
 
 class Cluster:
@@ -167,4 +167,78 @@ async def test_models_are_the_same_on_every_replica(cluster: Cluster) -> None:
         seen.append(sorted(m.id for m in (await client.models.list()).data))
         await client.close()
     assert seen[0] == seen[1] == seen[2] and "x-everywhere" in seen[0]
+    await pub.aclose()
+
+
+SLEEPY = {"type": "openai", "model": "m", "initialStatus": "hibernating", "wakeMaxWaitSeconds": 10}
+
+
+async def sleepy_on_a(cluster: Cluster, name: str, **kw: Any) -> WakingPublisher:
+    pub = WakingPublisher(cluster.a.url, post_url=cluster.c.url, **kw)
+    await pub.connect()
+    r = await pub.register({"name": name, **SLEEPY})
+    assert r.status_code == 200, r.text
+    return pub
+
+
+async def burst(cluster: Cluster, name: str, n: int) -> list[httpx.Response]:
+    clients = [httpx.AsyncClient(base_url=r.url, timeout=30) for r in cluster.replicas]
+    body = {"model": name, "messages": [{"role": "user", "content": "wake"}]}
+    try:
+        return await asyncio.gather(
+            *(clients[i % 3].post("/v1/chat/completions", json=body) for i in range(n))
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_100_concurrent_infers_over_three_replicas_make_one_wake(cluster: Cluster) -> None:
+    pub = await sleepy_on_a(cluster, "x-sleepy")
+    pub.release.clear()
+    calls = asyncio.create_task(burst(cluster, "x-sleepy", 100))
+    await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    pub.release.set()
+    replies = await asyncio.wait_for(calls, 30)
+    codes = [r.status_code for r in replies]
+    print(
+        f"100 infers over 3 replicas: {codes.count(200)} ok, wake tasks: {pub.kinds.count('wake')}"
+    )
+    assert codes == [200] * 100
+    assert pub.kinds.count("wake") == 1 and pub.kinds.count("infer") == 100
+    assert all("x-relay-wake-ms" in r.headers for r in replies)
+    await pub.aclose()
+
+
+async def test_failed_wake_fails_everywhere_then_next_burst_tries_one_new_wake(
+    cluster: Cluster,
+) -> None:
+    pub = await sleepy_on_a(cluster, "x-grumpy", wake_error="wake_up answered 500")
+    pub.release.clear()
+    calls = asyncio.create_task(burst(cluster, "x-grumpy", 30))
+    await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    pub.release.set()
+    replies = await asyncio.wait_for(calls, 30)
+    assert all(r.status_code == 503 and r.json()["error"]["code"] == "wake_failed" for r in replies)
+    assert pub.kinds == ["wake"]
+    pub.wake_error = None
+    pub.wake_seen.clear()
+    replies = await asyncio.wait_for(burst(cluster, "x-grumpy", 30), 30)
+    assert [r.status_code for r in replies] == [200] * 30
+    assert pub.kinds.count("wake") == 2
+    await pub.aclose()
+
+
+async def test_publisher_dying_during_wake_fails_waiters_on_every_replica(cluster: Cluster) -> None:
+    pub = await sleepy_on_a(cluster, "x-dies")
+    pub.release.clear()
+    calls = asyncio.create_task(burst(cluster, "x-dies", 30))
+    await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await pub.disconnect()
+    replies = await asyncio.wait_for(calls, 10)
+    elapsed = loop.time() - start
+    assert elapsed < 2.0, f"waiters failed after {elapsed:.2f} s"
+    assert all(r.status_code == 503 and r.json()["error"]["code"] == "wake_failed" for r in replies)
     await pub.aclose()

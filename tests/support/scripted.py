@@ -174,3 +174,29 @@ async def echo_handler(pub: ScriptedPublisher, task: dict[str, Any]) -> None:
         await pub.result(task["taskId"], {"status": 200})
     else:
         await pub.result(task["taskId"], {"status": 200, "body": chat_completion(f"echo: {text}")})
+
+
+class WakingPublisher(ScriptedPublisher):
+    """Answers wake tasks as told (after ``release`` is set), infers by echo,
+    and records the order in which task kinds arrived."""
+
+    def __init__(self, url: str, *, wake_error: str | None = None, **kw: Any) -> None:
+        kw.pop("handler", None)
+        super().__init__(url, handler=self._handle, **kw)
+        self.kinds: list[str] = []
+        self.wake_error = wake_error
+        self.release = asyncio.Event()
+        self.release.set()
+        self.wake_seen = asyncio.Event()
+
+    async def _handle(self, pub: ScriptedPublisher, task: dict[str, Any]) -> None:
+        self.kinds.append(task["kind"])
+        if task["kind"] == "wake":
+            self.wake_seen.set()
+            await self.release.wait()
+            if self.wake_error:
+                await self.result(task["taskId"], {"error": self.wake_error})
+            else:
+                await self.result(task["taskId"], {"status": 200, "body": {"ok": True, "ms": 3}})
+        else:
+            await echo_handler(pub, task)
