@@ -191,7 +191,7 @@ async def test_task_timeout_is_504_and_task_forgotten(
 ) -> None:
     async with serve_replica(make_settings(task_timeout_seconds=0.3), fake_clients, auth=AUTH) as (
         url,
-        relay,
+        _relay,
     ):
         pub = await publisher(url)  # never answers
         await pub.register(LLAMA)
