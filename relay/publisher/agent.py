@@ -35,7 +35,7 @@ from .httpclient import new_session
 from .relay_client import RelayClient, RelayError, RelayStatusError, RelayUnavailable, rows
 from .runner import ProviderRuntime, TaskRunner
 from .sse import SSEEvent
-from .wake import Waker
+from .wake import Waker, max_wait
 
 __all__ = ["Agent"]
 
@@ -119,6 +119,7 @@ class Agent:
         self._started = True
         control, tasks, backends = new_session(), new_session(), new_session()
         heartbeat: asyncio.Task[None] | None = None
+        waker: Waker | None = None
         try:
             self._relay = RelayClient(
                 self.config.relay_url, self.config.token, control=control, tasks=tasks
@@ -129,7 +130,12 @@ class Agent:
                 )
                 for p in self.config.providers
             }
-            waker = Waker(self.heartbeat, poll_interval=self._wake_poll_interval)
+            waker = Waker(
+                self.heartbeat,
+                backends,
+                poll_interval=self._wake_poll_interval,
+                health_timeout=self.health_timeout,
+            )
             self._runner = TaskRunner(
                 self._relay, self._providers, lambda: self.session_id, waker.wake
             )
@@ -147,6 +153,8 @@ class Agent:
                 if self._runner is not None:
                     await self._runner.shutdown(self.shutdown_grace)
             finally:
+                if waker is not None:
+                    await waker.close()
                 for job in [heartbeat, *self._jobs]:
                     if job is not None:
                         job.cancel()
@@ -334,7 +342,9 @@ class Agent:
             if cfg.description:
                 item["description"] = cfg.description
             status: wire.Status = wire.ACTIVE
-            if cfg.wake is not None:
+            wait = max_wait(provider)
+            if wait is not None:
+                item["wakeMaxWaitSeconds"] = wait
                 up, why = await provider.backend.available(within=self.health_timeout)
                 if not up:
                     status = wire.HIBERNATING

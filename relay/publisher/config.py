@@ -20,7 +20,20 @@ Shape::
         health: GET /v1/models           # default; "/health" means "GET /health"
         maxConcurrency: 8                # more tasks wait in the agent, FIFO
         requestTimeoutSeconds: 600       # longest silence from the backend
-        wake: {type: http|command|vllm, ...}  # see WakeHttp / WakeCommand / WakeVllm
+        wake:                            # optional: the backend may hibernate
+          type: http                     # or command, or vllm
+          url: http://gpu-box:8000/wake_up   # http: one request
+          method: POST                   # http, default POST
+          headers: {}                    # http
+          body: null                     # http: JSON (or a string sent as is)
+          command: systemctl             # command: argv[0], run WITHOUT a shell;
+          args: [start, ollama]          #   it must exit (start a service, not be one)
+          timeoutSeconds: 30             # the request / command itself
+          maxWaitSeconds: 60             # then poll ``health`` this long
+
+``type: vllm`` posts ``<url>/wake_up`` and counts ``GET /is_sleeping`` ->
+``{"is_sleeping": true}`` as not available. A provider with a wake recipe
+whose backend is not available registers as ``hibernating``.
 
 A provider ``url`` is the server's base URL, without ``/v1``; a trailing
 ``/v1`` (as in Ollama's docs) or ``/`` is tolerated and stripped.

@@ -75,11 +75,18 @@ class Toy:
         self.state["asleep"] = True
 
 
-@pytest.fixture
-async def toy() -> AsyncIterator[Toy]:
-    app = create_toy_backend(model="toy-model")
+@asynccontextmanager
+async def toy_server(**options: Any) -> AsyncIterator[Toy]:
+    """A toy backend with ``create_toy_backend`` options (``asleep``, ...)."""
+    app = create_toy_backend(model="toy-model", **options)
     async with serve(app) as url:
         yield Toy(url, app.state.stats, app.state.toy)
+
+
+@pytest.fixture
+async def toy() -> AsyncIterator[Toy]:
+    async with toy_server() as backend:
+        yield backend
 
 
 @pytest.fixture

@@ -136,6 +136,11 @@ class FakeRelay:
             },
         )
 
+    async def wake(self, task_id: str, llm: str) -> None:
+        await self.send(
+            wire.EVENT_TASK, {"kind": wire.TASK_WAKE, "taskId": task_id, "llmName": llm}
+        )
+
     async def drop(self) -> None:
         """End the newest SSE stream (as a crashed replica or NAT would)."""
         await self.current.queue.put(_DROP)
