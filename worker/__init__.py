@@ -1,0 +1,1 @@
+"""The housekeeping worker: arq cron jobs running ``relay.housekeeping``."""
