@@ -158,9 +158,13 @@ async def test_dead_replica_inbox_goes_and_its_sessions_end(store: Store, clock:
     assert await status(store, "llama") == "inactive"  # fresh, but its replica is gone
     assert await status(store, "qwen") == "active"
     assert [m["k"] + ":" + m["t"] for m in await inbox(store, "B")] == ["fail:t1"]
-    # The binding is forgotten: a reconnect elsewhere sends nothing to A.
-    assert await store.redis.hget(store.keys.session("s1"), "replica") == b""
+    assert not (await sweep(store, clock.now)).changed
+    # The publisher reconnects through B: the 'close' for its old channel
+    # recreates A's inbox, which the next sweep removes again.
     await store.bind("s1", "alice", "B", "ch-new", clock.now)
+    assert await store.redis.exists(store.keys.inbox("A"))
+    again = await sweep(store, clock.now)
+    assert (again.replicas_removed, again.streams_removed) == (1, 1)
     assert not await store.redis.exists(store.keys.inbox("A"))
 
 
@@ -169,8 +173,9 @@ async def test_orphaned_and_expired_tasks_are_removed(store: Store, clock: Clock
     for rid in ("A", "B"):
         await replica(store, rid, t0)
     await publisher(store, "s1", "A", ["llama"], t0)
+    await store.register("s1", "alice", [spec("sleepy", initialStatus="hibernating")], t0)
     await route(store, "llama", "old", "B", t0)
-    await route(store, "llama", "wake", "B", t0, kind="wake")  # wake timeout: 600 s
+    await route(store, "sleepy", "wake", "B", t0, kind="wake")  # wake timeout: 600 s
     await route(store, "llama", "young", "B", t0 + 300)
     await route(store, "llama", "lost", "C", t0 + 300)  # C never lived
     await store.redis.delete(store.keys.inbox("A"))
