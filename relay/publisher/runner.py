@@ -163,8 +163,11 @@ class TaskRunner:
             log.info("task %s: the relay no longer wants it (404), stopped", task_id)
             return
         except RelayError as exc:
-            log.error("task %s (%s): cannot deliver to the relay: %s", task_id, name, exc)
-            return
+            log.error("task %s (%s): cannot deliver chunks to the relay: %s", task_id, name, exc)
+            result = {"error": f"publisher could not deliver the stream to the relay: {exc}"}
+        except Exception as exc:  # a bug here must still end the task
+            log.exception("task %s (%s): unexpected error", task_id, name)
+            result = {"error": f"publisher error: {type(exc).__name__}: {exc}"}
         ms = (time.monotonic() - started) * 1000
         outcome = result.get("error") or f"status {result.get('status')}"
         log.info("task %s (%s %s) done in %.0f ms: %s", task_id, kind, name, ms, outcome)

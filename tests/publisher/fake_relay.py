@@ -74,6 +74,8 @@ class FakeRelay:
         self.posts: list[Post] = []
         self.gone_tasks: set[str] = set()
         """Tasks whose posts answer 404 (finished or cancelled at the relay)."""
+        self.reject_chunks = False
+        """True: chunk posts answer 422 (a relay that refuses the batch)."""
         self.chunk_delay = 0.0
         """Delay before answering a chunks post, so batches form behind it."""
         self.resume_sessions = True
@@ -252,6 +254,8 @@ class FakeRelay:
         body = orjson.loads(await request.body())
         if task_id in self.gone_tasks:
             return _json({"detail": "task finished"}, 404)
+        if kind == "chunks" and self.reject_chunks:
+            return _json({"detail": "bad chunks"}, 422)
         self.inflight[task_id] += 1
         self.max_inflight[task_id] = max(self.max_inflight[task_id], self.inflight[task_id])
         try:

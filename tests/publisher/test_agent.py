@@ -160,6 +160,18 @@ async def test_broken_stream_delivers_chunks_then_error(
     assert len(relay.chunks("b1")) == 3
 
 
+async def test_undeliverable_stream_still_ends_with_an_error(
+    relay: FakeRelay, toy: Toy, start_agent: StartAgent
+) -> None:
+    relay.reject_chunks = True
+    await start_agent([provider(toy.url)])
+    await relay.task("r1", "toy", chat("x", x_chunks=50, x_delay=0.005), stream=True)
+    result = await relay.wait_result("r1")
+    assert result["error"].startswith("publisher could not deliver the stream to the relay:")
+    assert "422" in result["error"]
+    await eventually(lambda: toy.stats.disconnects == 1)  # backend request aborted
+
+
 async def test_unknown_provider(relay: FakeRelay, toy: Toy, start_agent: StartAgent) -> None:
     await start_agent([provider(toy.url)])
     await relay.task("u1", "nope", HELLO)
