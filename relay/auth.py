@@ -60,6 +60,12 @@ class Authenticator:
                 found = entry.principal
         return found
 
+    def add(self, name: str, token: str, scopes: frozenset[str]) -> None:
+        """Accept one more token (the embedded demo publisher's)."""
+        if self._entries is not None:
+            digest = hashlib.sha256(token.encode()).digest()
+            self._entries.append(_Entry(digest, Principal(name, scopes)))
+
     @classmethod
     def no_auth(cls) -> Authenticator:
         return cls(None)

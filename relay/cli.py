@@ -97,7 +97,7 @@ async def _serve(settings: Settings) -> int:
     if settings.demo:
         from relay.demo import Demo
 
-        demo = Demo(settings)
+        demo = Demo(settings, app.state.auth)
         server.on_started.append(demo.start)
     try:
         await server.serve()
