@@ -109,7 +109,7 @@ class Relay:
         channels = self.sessions.all()
         for ch in channels:
             ch.send_json(wire.EVENT_RECONNECT, {})
-            ch.close(taken_over=True)
+            ch.close(taken_over=True, reason="replica draining, publisher asked to reconnect")
         log.info(
             "replica %s draining: %d publisher(s) asked to reconnect elsewhere, %d request(s) in flight",
             self.replica_id,
@@ -161,7 +161,7 @@ class Relay:
             raise RelayError(403, str(exc), "session_forbidden") from None
         replaced = self.sessions.add(channel)
         if replaced is not None:
-            replaced.close(taken_over=True)
+            replaced.close(taken_over=True, reason="resumed on a newer channel")
         channel.send_json(
             wire.EVENT_SESSION,
             {
@@ -180,7 +180,7 @@ class Relay:
         over, its rows go inactive and its in-flight tasks fail everywhere."""
         self.sessions.discard(channel)
         if channel.taken_over:
-            log.info("session %s: old channel closed after takeover", channel.session_id)
+            log.info("session %s: channel closed (%s)", channel.session_id, channel.close_reason)
             return
         orphans = await self.store.unbind(channel.session_id, channel.channel_id, self.clock())
         log.info(
@@ -491,7 +491,7 @@ class Relay:
         elif kind == b"close":
             channel = self.sessions.find(msg[b"s"].decode(), msg[b"c"].decode())
             if channel is not None:
-                channel.close(taken_over=True)
+                channel.close(taken_over=True, reason="resumed on another replica")
         else:
             log.warning("inbox: unknown message kind %r", kind)
 

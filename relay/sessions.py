@@ -27,7 +27,8 @@ class Channel:
         self.session_id = session_id
         self.principal = principal
         self.channel_id = secrets.token_hex(8)
-        self.taken_over = False  # closed because a newer channel resumed the session
+        self.taken_over = False  # closed without deactivating: a resume, or a drain
+        self.close_reason = ""
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.closed = False
 
@@ -38,10 +39,12 @@ class Channel:
     def send_json(self, event: str, obj: object) -> None:
         self.send(event, orjson.dumps(obj))
 
-    def close(self, *, taken_over: bool = False) -> None:
-        """End the stream after what is queued; the generator then returns."""
+    def close(self, *, taken_over: bool = False, reason: str = "") -> None:
+        """End the stream after what is queued; the generator then returns.
+        ``taken_over``: the session lives on elsewhere, keep its rows."""
         if not self.closed:
             self.taken_over = taken_over
+            self.close_reason = reason
             self.closed = True
             self._queue.put_nowait(None)
 
