@@ -31,6 +31,8 @@ log = logging.getLogger("relay.wake")
 # round trips around it; the whole is capped by RELAY_WAKE_TIMEOUT_SECONDS.
 WAKE_MARGIN_SECONDS = 15.0
 DEFAULT_RECIPE_SECONDS = 60.0
+# How often a replica that follows another one's wake checks that it still runs.
+FOLLOW_CHECK_SECONDS = 1.0
 
 # KEYS[1] lock. ARGV: tag, lockValue, name, ok ('1'|'0'), message, inboxMaxlen,
 # selfReplica. Releases the lock if still ours, and tells every live replica
@@ -141,18 +143,7 @@ class Waker:
                     told,
                 )
             else:
-                # Another replica wakes it: wait for its word, within the lock's life.
-                ttl_ms = await relay.store.redis.pttl(lock)
-                wait = (ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else 1.0) + 1.0
-                try:
-                    outcome = await asyncio.wait_for(asyncio.shield(future), wait)
-                except TimeoutError:
-                    row = await relay.store.get_row(name) or {}
-                    outcome = (
-                        WakeOutcome(True)
-                        if row.get("status") == "active"
-                        else WakeOutcome(False, f"no wake result within {wait:.0f} s")
-                    )
+                outcome = await self._follow(name, lock, future)
         except Exception as exc:  # Redis down mid-wake: fail the waiters, clearly
             log.warning("wake of %s failed: %s", name, exc)
             outcome = WakeOutcome(False, f"relay error during wake: {exc}")
@@ -160,6 +151,28 @@ class Waker:
             future.set_result(outcome)
         if self._current.get(name) is future:
             del self._current[name]
+
+    async def _follow(
+        self, name: str, lock: str, future: asyncio.Future[WakeOutcome]
+    ) -> WakeOutcome:
+        """Another replica holds the lock and wakes ``name``: wait for its word
+        (an inbox message). Should that word be lost, the lock's end tells:
+        the script that deletes it sends the word in the same step, so once
+        the lock is gone and a moment passed, the row's status is the answer."""
+        redis = self.relay.store.redis
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), FOLLOW_CHECK_SECONDS)
+            except TimeoutError:
+                if await redis.exists(lock):
+                    continue  # still waking (the lock's own expiry bounds this)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), FOLLOW_CHECK_SECONDS)
+            except TimeoutError:
+                row = await self.relay.store.get_row(name) or {}
+                if row.get("status") == "active":
+                    return WakeOutcome(True)
+                return WakeOutcome(False, "the wake ended on another replica without a result")
 
     async def _wake(self, name: str, session_id: str, timeout: float) -> WakeOutcome:
         """Send the wake task to the session's replica and wait for its result."""
