@@ -46,3 +46,12 @@ def redis_proc() -> Iterator[RedisProcess]:
 @pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Expose each phase's report on the test item (``item.rep_call``), so
+    fixtures can show logs of real processes when a test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

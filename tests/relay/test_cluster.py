@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from tests.support.procs import RedisProcess, ReplicaProcess
 from tests.support.scripted import ScriptedPublisher, WakingPublisher, echo_handler
@@ -20,6 +21,7 @@ from tests.support.scripted import ScriptedPublisher, WakingPublisher, echo_hand
 class Cluster:
     def __init__(self, redis: RedisProcess) -> None:
         self.prefix = f"c{uuid.uuid4().hex[:8]}"
+        self.redis_url = redis.url
         self.replicas = [
             ReplicaProcess(redis.url, prefix=self.prefix, replica_id=f"r{i}-{self.prefix}")
             for i in range(3)
@@ -50,6 +52,15 @@ def cluster(redis_proc: RedisProcess) -> Iterator[Cluster]:
     c = Cluster(redis_proc)
     yield c
     c.stop()
+
+
+@pytest.fixture(autouse=True)
+def show_logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
+    """A failing cluster test prints what the replicas logged."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(cluster.logs())
 
 
 @pytest.fixture
@@ -181,6 +192,17 @@ async def sleepy_on_a(cluster: Cluster, name: str, **kw: Any) -> WakingPublisher
     return pub
 
 
+async def held(cluster: Cluster, name: str, n: int) -> None:
+    """Wait until ``n`` requests are held for the wake of ``name``, cluster-wide."""
+    redis = Redis.from_url(cluster.redis_url)
+    try:
+        async with asyncio.timeout(20):
+            while int(await redis.get(f"{{{cluster.prefix}}}:wake:{name}:waiters") or 0) < n:
+                await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
+
+
 async def burst(cluster: Cluster, name: str, n: int) -> list[httpx.Response]:
     clients = [httpx.AsyncClient(base_url=r.url, timeout=30) for r in cluster.replicas]
     body = {"model": name, "messages": [{"role": "user", "content": "wake"}]}
@@ -198,6 +220,7 @@ async def test_100_concurrent_infers_over_three_replicas_make_one_wake(cluster: 
     pub.release.clear()
     calls = asyncio.create_task(burst(cluster, "x-sleepy", 100))
     await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    await held(cluster, "x-sleepy", 100)  # every request waits for the one wake
     pub.release.set()
     replies = await asyncio.wait_for(calls, 30)
     codes = [r.status_code for r in replies]
