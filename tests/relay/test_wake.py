@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from relay.config import Settings
-from relay.connections import Clients
+from relay.connections import Clients, connect
 from relay.service import Relay
 from tests.support.inproc import serve_replica
 from tests.support.scripted import WakingPublisher
@@ -26,12 +26,20 @@ SLEEPY = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(params=["fakeredis", "redis-server"])
 async def replica(
-    make_settings: Callable[..., Settings], fake_clients: Clients
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings], fake_clients: Clients
 ) -> AsyncIterator[tuple[str, Relay]]:
-    async with serve_replica(make_settings(task_timeout_seconds=10), fake_clients) as r:
-        yield r
+    """The basic cases run on both stores: fakeredis and a real redis-server."""
+    clients = fake_clients
+    if request.param == "redis-server":
+        clients = connect(request.getfixturevalue("redis_proc").url)
+    try:
+        async with serve_replica(make_settings(task_timeout_seconds=10), clients) as r:
+            yield r
+    finally:
+        if clients is not fake_clients:
+            await clients.aclose()
 
 
 async def sleepy(url: str, **kw: Any) -> WakingPublisher:
