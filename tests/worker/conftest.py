@@ -3,13 +3,7 @@ fakeredis key expiry, fakeredis-backed Stores, and a private redis-server."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import fakeredis
@@ -69,69 +63,3 @@ async def make_store(clock: Clock) -> AsyncIterator[Callable[[], Store]]:
 @pytest.fixture
 def store(make_store: Callable[[], Store]) -> Store:
     return make_store()
-
-
-# --- a real redis-server ------------------------------------------------------
-
-
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A private ``redis-server`` on a free port, killed at teardown."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed: the real-Redis worker test needs it")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="relay-worker-redis-")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _pong(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server on port {port} did not answer PING within 10 s")
-            time.sleep(0.02)
-        yield RedisServer(port, proc)
-    finally:
-        proc.kill()
-        proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -18,7 +18,8 @@ from relay.config import ConfigError, load_settings
 from relay.keys import Keys
 from relay.lifecycle import Lifecycle
 from relay.store import Store
-from tests.worker.conftest import Clock, RedisServer
+from tests.support.procs import RedisProcess
+from tests.worker.conftest import Clock
 from tests.worker.helpers import publisher, replica, spec, status
 from worker import jobs
 from worker.cli import main
@@ -107,12 +108,12 @@ async def test_gc_sweep_job_uses_the_clock_from_ctx(store: Store, clock: Clock) 
 
 
 async def test_worker_processes_sweep_on_their_schedule(
-    redis_server: RedisServer, tmp_path: Path
+    redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
     """Two worker processes at once, a 1 s schedule: the seeded stale row
     turns inactive, and exactly one sweep reports flipping it."""
     prefix = f"w{uuid.uuid4().hex[:8]}"
-    client = Redis.from_url(redis_server.url)
+    client = Redis.from_url(redis_proc.url)
     store = Store(client, Keys(prefix), Lifecycle())
     loop = asyncio.get_running_loop()
     wall = time.time()
@@ -127,7 +128,7 @@ async def test_worker_processes_sweep_on_their_schedule(
         with log.open("wb") as out:
             procs.append(
                 await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "worker", "--redis-url", redis_server.url,
+                    sys.executable, "-m", "worker", "--redis-url", redis_proc.url,
                     "--redis-prefix", prefix, "--gc-interval-seconds", "1",
                     stdout=out, stderr=out, env=env, cwd=REPO,
                 )
