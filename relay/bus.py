@@ -20,6 +20,8 @@ from redis.exceptions import RedisError
 log = logging.getLogger("relay.bus")
 
 Message = dict[bytes, bytes]
+
+TRIM_EVERY_SECONDS = 1.0
 Dispatch = Callable[[Message], None]
 
 
@@ -40,6 +42,7 @@ class Inbox:
         self._batch = batch
         self._last_id = b"0-0"
         self._last_ok = time.monotonic()
+        self._last_trim = 0.0
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
 
@@ -95,3 +98,14 @@ class Inbox:
                         self._dispatch(fields)
                     except Exception:
                         log.exception("inbox message %s could not be dispatched", entry_id)
+            if reply and self._last_ok - self._last_trim > TRIM_EVERY_SECONDS:
+                await self._trim()
+
+    async def _trim(self) -> None:
+        """Drop what this replica has read: Redis then holds only messages in
+        flight (task bodies can be large), not the last MAXLEN of them."""
+        self._last_trim = time.monotonic()
+        try:
+            await self._redis.xtrim(self._stream, minid=self._last_id, approximate=False)
+        except Exception as exc:  # best effort: MAXLEN still bounds the stream
+            log.debug("inbox trim failed: %s", exc)
