@@ -160,6 +160,10 @@ class Store:
         self._post = redis.register_script(_POST)
         self._cancel = redis.register_script(_CANCEL)
 
+    @property
+    def _index_ttl(self) -> int:
+        return int(self.lc.heartbeat_timeout + self.lc.inactive_retention)
+
     # --- hot path ---------------------------------------------------------
     async def route(
         self,
@@ -347,6 +351,7 @@ class Store:
                         if old_sid and old_sid != sid:
                             pipe.srem(self.keys.session_llms(old_sid), plan["name"])
                     pipe.sadd(self.keys.llms, *names)
+                    pipe.expire(self.keys.llms, self._index_ttl)
                     pipe.sadd(self.keys.session_llms(sid), *names)
                     pipe.expire(
                         self.keys.session_llms(sid),
@@ -380,6 +385,7 @@ class Store:
                         pipe.expire(key, int(lifecycle.row_ttl({**row, **plan}, self.lc)))
                         owned.append(row["name"])
                     pipe.expire(self.keys.session(sid), int(self.lc.heartbeat_timeout))
+                    pipe.expire(self.keys.llms, self._index_ttl)
                     await pipe.execute()
                     return owned
                 except WatchError:
@@ -442,6 +448,7 @@ class Store:
             if plan:
                 pipe.hset(self.keys.llm(name), mapping=plan)
                 pipe.expire(self.keys.llm(name), int(self.lc.inactive_retention))
+                pipe.expire(self.keys.llms, self._index_ttl)  # the index outlives its rows
         for orphan in orphans:
             pipe.delete(self.keys.task(orphan.task_id))
             pipe.xadd(
@@ -549,6 +556,10 @@ class Store:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.replica(replica), f"{now:.3f}", px=int(ttl * 1000))
             pipe.sadd(self.keys.replicas, replica)
+            # Indexes outlive their entries by the retention at most, even if
+            # every process dies (the worker normally prunes them first).
+            pipe.expire(self.keys.replicas, self._index_ttl)
+            pipe.expire(self.keys.replica_sessions(replica), self._index_ttl)
             await pipe.execute()
 
     async def replica_gone(self, replica: str) -> None:
@@ -663,6 +674,7 @@ class Store:
                         if plan:
                             pipe.hset(key, mapping=plan)
                             pipe.expire(key, int(self.lc.inactive_retention))
+                            pipe.expire(self.keys.llms, self._index_ttl)
                             flipped.append(name)
                     await pipe.execute()
                     return flipped, orphans

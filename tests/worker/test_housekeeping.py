@@ -283,7 +283,7 @@ async def test_nothing_is_left_once_every_process_stopped(store: Store, clock: C
     clock.advance(4 * HOUR)
     await sweep(store, clock.now)
 
-    assert await store.redis.dbsize() == 0
+    assert await keys(store) == []
 
 
 async def test_sweep_logs_one_line(
