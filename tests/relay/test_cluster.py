@@ -240,6 +240,7 @@ async def test_failed_wake_fails_everywhere_then_next_burst_tries_one_new_wake(
     pub.release.clear()
     calls = asyncio.create_task(burst(cluster, "x-grumpy", 30))
     await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    await held(cluster, "x-grumpy", 30)  # a request arriving after the failure would try again
     pub.release.set()
     replies = await asyncio.wait_for(calls, 30)
     assert all(r.status_code == 503 and r.json()["error"]["code"] == "wake_failed" for r in replies)
@@ -257,6 +258,7 @@ async def test_publisher_dying_during_wake_fails_waiters_on_every_replica(cluste
     pub.release.clear()
     calls = asyncio.create_task(burst(cluster, "x-dies", 30))
     await asyncio.wait_for(pub.wake_seen.wait(), 10)
+    await held(cluster, "x-dies", 30)
     loop = asyncio.get_running_loop()
     start = loop.time()
     await pub.disconnect()
