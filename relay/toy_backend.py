@@ -145,6 +145,7 @@ def create_toy_backend(
     asleep: bool = False,
     wake_delay: float = 0.0,
     stats: ToyStats | None = None,
+    record: bool = True,
 ) -> Starlette:
     """Build the toy backend app; ``app.state.stats`` holds its :class:`ToyStats`.
 
@@ -152,6 +153,8 @@ def create_toy_backend(
     and echoed back); ``asleep`` starts it in sleep mode; ``wake_delay``
     is how long it stays asleep after ``POST /wake_up`` (a model loading).
     ``app.state.toy`` is the mutable state (``{"asleep": bool}``).
+    ``record=False`` keeps no bodies or headers in the stats (counters only):
+    a long-running server (the benchmark, ``--demo``) must not grow forever.
     """
     counters = stats if stats is not None else ToyStats()
     state = {"asleep": asleep}
@@ -170,8 +173,9 @@ def create_toy_backend(
         except orjson.JSONDecodeError:
             return _error(400, "request body is not valid JSON")
         counters.requests += 1
-        counters.bodies.append(body)
-        counters.headers.append(dict(request.headers))
+        if record:
+            counters.bodies.append(body)
+            counters.headers.append(dict(request.headers))
         try:
             knobs = _Knobs(body, request.headers)
         except (TypeError, ValueError) as exc:
@@ -400,17 +404,29 @@ def create_toy_backend(
 
 
 def run_toy_backend(host: str = "127.0.0.1", port: int = 8001, *, model: str = "toy-model") -> None:
-    """Serve the toy backend with uvicorn until interrupted (blocking)."""
+    """Serve the toy backend with uvicorn until interrupted (blocking).
+
+    No access log and no recorded bodies: this is the long-running form
+    (manual use, the benchmark), where per-request bookkeeping would only
+    cost time and memory."""
     import uvicorn
 
     uvicorn.run(
-        create_toy_backend(model=model),
+        create_toy_backend(model=model, record=False),
         host=host,
         port=port,
         log_level="warning",
+        access_log=False,
         lifespan="off",
     )
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
-    run_toy_backend()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A toy OpenAI-compatible model server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--model", default="toy-model")
+    args = parser.parse_args()
+    run_toy_backend(args.host, args.port, model=args.model)
