@@ -97,6 +97,7 @@ class Relay:
             await self.store.replica_gone(self.replica_id)
         except Exception as exc:  # Redis gone at shutdown: the worker cleans up
             log.warning("could not deregister replica %s: %s", self.replica_id, exc)
+        await self.store.aclose()
         log.info("replica %s stopped", self.replica_id)
 
     def begin_drain(self) -> None:
