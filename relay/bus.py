@@ -3,8 +3,12 @@
 One reader task blocks on XREAD (no polling) and hands every entry to the
 service's dispatcher. It tracks the last id it read, so a reconnect after a
 Redis failover resumes where it stopped instead of skipping what arrived in
-between. ``healthy`` tells /readyz whether delivery works: a reader that has
-not completed a read within two block periods is stalled.
+between. ``healthy`` tells /readyz whether delivery works: a reader whose
+last read failed is disconnected, and one that has not completed a read
+within two block periods is stalled (a known failure of Redis-backed
+brokers is delivery that silently stops after a failover while health
+checks stay green). Its client does not retry by itself (see
+``relay.connections``), so a lost connection shows at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ log = logging.getLogger("relay.bus")
 Message = dict[bytes, bytes]
 
 TRIM_EVERY_SECONDS = 1.0
+# Backoff between failed reads: short, so that delivery resumes within about
+# a second of Redis (or the new master) answering again.
+RETRY_FIRST_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
 Dispatch = Callable[[Message], None]
 
 
@@ -42,6 +50,7 @@ class Inbox:
         self._batch = batch
         self._last_id = b"0-0"
         self._last_ok = time.monotonic()
+        self._down_since: float | None = None  # set while reads fail
         self._last_trim = 0.0
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -52,6 +61,7 @@ class Inbox:
         return (
             self._task is not None
             and not self._task.done()
+            and self._down_since is None
             and time.monotonic() - self._last_ok < stall
         )
 
@@ -75,7 +85,7 @@ class Inbox:
                 pass
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = RETRY_FIRST_SECONDS
         while True:
             try:
                 self._started.set()
@@ -85,12 +95,28 @@ class Inbox:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or failing over: retry, stay unready
-                log.warning("inbox read failed (%s); retrying in %.2f s", exc, backoff)
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning(
+                        "inbox reader lost Redis (%s): unready, retrying; resumes after %s",
+                        exc,
+                        self._last_id.decode()
+                        if isinstance(self._last_id, bytes)
+                        else self._last_id,
+                    )
+                else:
+                    log.debug("inbox read failed again (%s); retrying in %.2f s", exc, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RETRY_MAX_SECONDS)
                 continue
-            backoff = 0.05
+            backoff = RETRY_FIRST_SECONDS
             self._last_ok = time.monotonic()
+            if self._down_since is not None:
+                log.info(
+                    "inbox reader reconnected after %.1f s: delivery resumed",
+                    self._last_ok - self._down_since,
+                )
+                self._down_since = None
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id
