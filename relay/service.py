@@ -24,6 +24,7 @@ from relay.auth import Principal
 from relay.bus import Inbox, Message
 from relay.config import Settings
 from relay.connections import Clients
+from relay.drain import Handoff
 from relay.errors import RelayError, error_body, status_type
 from relay.keys import Keys
 from relay.lifecycle import Conflict
@@ -43,6 +44,7 @@ _DONE = b"data: [DONE]\n\n"
 _KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_SECONDS = 15.0
 WAKE_COMMENT_SECONDS = 5.0
+READY_PING_SECONDS = 1.0
 
 
 def new_id() -> str:
@@ -70,6 +72,10 @@ class Relay:
         self.inbox = Inbox(clients.blocking, self.keys.inbox(self.replica_id), self._on_message)
         self.waker = Waker(self)
         self.draining = False
+        # Tasks for publishers this replica let go while draining (relay.drain).
+        self.handoff = Handoff(
+            clients.commands, self.keys, self.replica_id, settings.inbox_maxlen, self._undeliverable
+        )
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -88,6 +94,7 @@ class Relay:
         self.draining = True
         for ch in self.sessions.all():
             ch.close()
+        await self.handoff.close()
         for loop in self._loops:
             loop.cancel()
         await self.inbox.stop()
@@ -109,8 +116,7 @@ class Relay:
         self.draining = True
         channels = self.sessions.all()
         for ch in channels:
-            ch.send_json(wire.EVENT_RECONNECT, {})
-            ch.close(taken_over=True, reason="replica draining, publisher asked to reconnect")
+            self._release(ch)
         log.info(
             "replica %s draining: %d publisher(s) asked to reconnect elsewhere, %d request(s) in flight",
             self.replica_id,
@@ -118,11 +124,21 @@ class Relay:
             len(self.pending),
         )
 
+    def _release(self, ch: Channel) -> None:
+        """Draining: ask the channel's publisher to resume on another replica,
+        keep its rows, and hold tasks for it until it did (relay.drain)."""
+        self.handoff.release(ch.session_id)
+        ch.send_json(wire.EVENT_RECONNECT, {})
+        ch.close(taken_over=True, reason="replica draining, publisher asked to reconnect")
+
     async def ready(self) -> bool:
+        """Not draining, the inbox reader connected and current, and Redis
+        answering a PING within a second (a probe must not wait out a failover)."""
         if self.draining or not self.inbox.healthy:
             return False
         try:
-            await self.clients.commands.ping()
+            async with asyncio.timeout(READY_PING_SECONDS):
+                await self.clients.commands.ping()
         except Exception:
             return False
         return True
@@ -174,6 +190,8 @@ class Relay:
         if old_replica:
             how = f"taken over from replica {old_replica}"
         log.info("session %s %s by %s on replica %s", sid, how, principal.name, self.replica_id)
+        if self.draining:  # the drain began while this channel was being bound
+            self._release(channel)
         return channel
 
     async def close_channel(self, channel: Channel) -> None:
@@ -285,6 +303,8 @@ class Relay:
         if route.replica == self.replica_id:
             channel = self.sessions.get(route.session_id)
             if channel is None or channel.closed:
+                if self.handoff.hold(route.session_id, task_id, payload, self.replica_id):
+                    return pending  # released by the drain: forwarded once it resumes
                 self.pending.pop(task_id)
                 self.spawn(self.store.cancel(task_id, self.replica_id), "cancel")
                 raise RelayError(503, f"the publisher of {name!r} is offline", "provider_offline")
@@ -479,7 +499,9 @@ class Relay:
             channel = self.sessions.get(msg[b"s"].decode())
             if channel is not None and not channel.closed:
                 channel.send(wire.EVENT_TASK, msg[b"d"])
-            else:
+            elif not self.handoff.hold(
+                msg[b"s"].decode(), msg[b"t"].decode(), msg[b"d"], msg.get(b"r", b"").decode()
+            ):
                 self.spawn(
                     self._undeliverable(msg[b"t"].decode(), msg[b"s"].decode()), "undeliverable"
                 )
@@ -493,6 +515,7 @@ class Relay:
             channel = self.sessions.find(msg[b"s"].decode(), msg[b"c"].decode())
             if channel is not None:
                 channel.close(taken_over=True, reason="resumed on another replica")
+            self.handoff.moved(msg[b"s"].decode())
         else:
             log.warning("inbox: unknown message kind %r", kind)
 
