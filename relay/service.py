@@ -453,7 +453,14 @@ class Relay:
             raise self._timed_out(pending) from None
 
     async def _next(self, pending: Pending, timeout: float) -> Item:
-        item = await asyncio.wait_for(pending.queue.get(), max(timeout, 0))
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the
+        # get in a task of its own, once per request and per chunk batch.
+        queue = pending.queue
+        if queue.empty():
+            async with asyncio.timeout(max(timeout, 0)):
+                item = await queue.get()
+        else:
+            item = queue.get_nowait()
         if item.kind != "chunks":
             pending.answered = True
         return item

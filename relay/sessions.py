@@ -54,7 +54,10 @@ class Channel:
         queue = self._queue
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), ping_seconds)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for adds a
+                # task per wait, and every idle channel waits all the time.
+                async with asyncio.timeout(ping_seconds):
+                    item = await queue.get()
             except TimeoutError:
                 yield _PING
                 continue
