@@ -6,7 +6,7 @@ inactive for hours. One sweep, run every ``gc_interval_seconds`` by the arq
 worker (``worker.jobs.gc_sweep``) or, in the embedded single-process mode,
 by the relay itself, fixes all of it. It needs nothing but a ``Store``.
 
-Decisions come from ``relay.lifecycle``; every change is a ``Store`` method
+Decisions come from ``relay.lifecycle``; every change is a ``SweepStore`` method
 that re-checks its condition under WATCH and reports what it changed. So a
 sweep is idempotent (a second one in a row changes nothing), and two sweeps
 running at once, on two worker replicas, change everything exactly once:
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 
 from relay import lifecycle
 from relay.store import Store
+from relay.store.sweep import SweepStore
 
 log = logging.getLogger("relay.housekeeping")
 
@@ -80,8 +81,9 @@ async def sweep_tasks(store: Store, now: float) -> SweepReport:
     """Remove task records nobody waits for: the consumer's replica is gone,
     or the task outlived its timeout (normally the TTL does it)."""
     report = SweepReport()
-    for task_id in await store.sweepable_tasks(now):
-        if await store.remove_task(task_id, now):
+    db = SweepStore(store)
+    for task_id in await db.sweepable_tasks(now):
+        if await db.remove_task(task_id, now):
             report.tasks_removed += 1
     return report
 
@@ -91,12 +93,13 @@ async def sweep_replicas(store: Store, now: float) -> SweepReport:
     end (rows inactive, in-flight tasks failed towards the consumers'
     replicas), then its inbox stream and registry entry go."""
     report = SweepReport()
-    for replica in await store.dead_replicas():
-        for sid in await store.replica_session_ids(replica):
-            flipped, orphans = await store.release_dead_session(replica, sid, now)
+    db = SweepStore(store)
+    for replica in await db.dead_replicas():
+        for sid in await db.replica_session_ids(replica):
+            flipped, orphans = await db.release_dead_session(replica, sid, now)
             report.rows_deactivated += len(flipped)
             report.tasks_failed += len(orphans)
-        removed, stream = await store.remove_dead_replica(replica)
+        removed, stream = await db.remove_dead_replica(replica)
         if removed:
             report.replicas_removed += 1
             report.streams_removed += int(stream)
@@ -109,13 +112,14 @@ async def sweep_rows(store: Store, now: float) -> SweepReport:
     fail); rows inactive past the retention are deleted with every index
     entry that names them."""
     report = SweepReport()
+    db = SweepStore(store)
     for row in await store.list_rows():
         action = lifecycle.plan_sweep(row, now, store.lc)
         if action == "deactivate":
-            flipped, orphans = await store.deactivate_stale(row["name"], now)
+            flipped, orphans = await db.deactivate_stale(row["name"], now)
             report.rows_deactivated += len(flipped)
             report.tasks_failed += len(orphans)
-        elif action == "delete" and await store.delete_if_expired(row["name"], now):
+        elif action == "delete" and await db.delete_if_expired(row["name"], now):
             report.rows_deleted += 1
     return report
 

@@ -1,0 +1,56 @@
+"""Shapes and errors shared by the store's modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from relay.lifecycle import Row
+
+
+class NotFound(Exception):
+    """The session, task or row does not exist (or no longer)."""
+
+
+class Forbidden(Exception):
+    """The caller is not the principal (or session) that owns the object."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a consumer request goes. ``outcome`` is one of: ok (pushed to
+    ``replica`` for ``session_id``), unknown, inactive, hibernating, offline,
+    public (proxy to ``url``), awake (a wake task for a row already active)."""
+
+    outcome: str
+    replica: str = ""
+    session_id: str = ""
+    principal: str = ""
+    url: str = ""
+    api_key: str = ""
+    model: str = ""
+    wake_seconds: str = ""  # hibernating: the publisher's wake bound, if it gave one
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanedTask:
+    """An in-flight task failed because its session went away."""
+
+    task_id: str
+    replica: str  # where its consumer waits
+
+
+def _s(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _row(raw: dict[Any, Any]) -> Row:
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+def public_view(row: Row) -> dict[str, Any]:
+    """A row as GET endpoints show it: never the upstream key or the owner's
+    internals."""
+    return {k: v for k, v in row.items() if k != "apiKey"}
