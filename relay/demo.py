@@ -44,7 +44,7 @@ class Demo:
         port = _free_port()
         self._toy = uvicorn.Server(
             uvicorn.Config(
-                create_toy_backend(model="toy-model"),
+                create_toy_backend(model="toy-model", record=False),
                 host="127.0.0.1",
                 port=port,
                 log_level="warning",
