@@ -26,13 +26,14 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.cron import CronJob, cron
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from relay.config import ConfigError, Settings, load_settings
+from relay.connections import patient_master, patient_url
 from worker import jobs
 
 # How long a tick's result (and so its uniqueness) is kept.
@@ -97,6 +98,30 @@ def redis_settings(settings: Settings) -> RedisSettings:
     return parsed
 
 
+def redis_pool(settings: Settings) -> ArqRedis:
+    """arq's own Redis client, as patient as the relay's (``relay.connections``).
+
+    arq builds a client from ``redis_settings`` that gives up at the first
+    connection error once connected: its poll loop then raises and the
+    worker process exits, on every Redis restart or Sentinel failover (arq
+    passes no retry at all to a Sentinel pool). Handing arq this client
+    instead keeps the worker running: a command waits for the (new) master
+    for up to the relay's retry budget. ``redis_settings`` stays in the
+    options for arq's log line and for callers that read it.
+    """
+    if settings.redis_sentinels:
+        client = patient_master(
+            settings.redis_sentinels, settings.redis_master_name or "", redis_class=ArqRedis
+        )
+    else:
+        client = patient_url(
+            jobs.redis_url(settings) or jobs.DEFAULT_REDIS_URL, redis_class=ArqRedis
+        )
+    pool: ArqRedis = client
+    pool.default_queue_name = f"arq:queue:{settings.redis_prefix}"
+    return pool
+
+
 def gc_cron(settings: Settings) -> CronJob:
     """The sweep's cron job, every ``gc_interval_seconds``."""
     return cron(
@@ -114,6 +139,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "functions": [],
         "cron_jobs": [gc_cron(settings)],
         "redis_settings": redis_settings(settings),
+        "redis_pool": redis_pool(settings),
         "queue_name": f"arq:queue:{settings.redis_prefix}",
         "on_startup": jobs.startup,
         "on_shutdown": jobs.shutdown,
