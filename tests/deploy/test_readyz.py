@@ -11,6 +11,7 @@ import uuid
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from relay.bus import Inbox, Message
 from relay.connections import connect
@@ -72,4 +73,30 @@ async def test_a_stalled_reader_is_unhealthy_until_it_reads_again() -> None:
         await inbox.stop()
         await clients.aclose()
         await admin.aclose()
+        redis.stop()
+
+
+async def test_commands_wait_for_redis_within_the_budget_then_fail_cleanly() -> None:
+    """A restart shorter than the budget is a pause; a longer outage is an
+    error after the budget (the API turns it into 503 + Retry-After)."""
+    redis = RedisProcess()
+    port = redis.port
+    clients = connect(redis.url, retry_budget=3.0)
+    try:
+        await clients.commands.set("k", "v")
+        redis.stop()
+        loop = asyncio.get_running_loop()
+        back = loop.run_in_executor(None, lambda: (time.sleep(1.0), RedisProcess(port=port))[1])
+        started = time.monotonic()
+        assert await clients.commands.ping()  # waited for the restart
+        waited = time.monotonic() - started
+        redis = await back
+        assert 0.5 < waited < 3.0, waited
+        redis.stop()
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError):
+            await clients.commands.get("k")
+        assert 2.5 < time.monotonic() - started < 5.0
+    finally:
+        await clients.aclose()
         redis.stop()
