@@ -5,7 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from relay.lifecycle import Row
+
+# A WATCH/MULTI change retried this many times gives up (503 to a caller):
+# the keys kept changing under it, or the connection kept dropping.
+WATCH_ATTEMPTS = 50
+
+
+class Contended(RedisError):  # type: ignore[misc]  # redis is untyped here
+    """A change under WATCH could not complete; retry later."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"a Redis change failed {WATCH_ATTEMPTS} times in a row (contention or a lost connection)"
+        )
 
 
 class NotFound(Exception):

@@ -20,7 +20,16 @@ from relay import lifecycle
 from relay.keys import Keys
 from relay.lifecycle import Conflict, Lifecycle, Row
 from relay.store import scripts
-from relay.store.common import Forbidden, NotFound, OrphanedTask, Route, _row, _s
+from relay.store.common import (
+    WATCH_ATTEMPTS,
+    Contended,
+    Forbidden,
+    NotFound,
+    OrphanedTask,
+    Route,
+    _row,
+    _s,
+)
 from relay.store.fastlane import FastLane, LaneDown
 from relay.wire import PUBLIC, VIRTUAL, ProviderSpec
 
@@ -106,9 +115,12 @@ class Store:
         payload: bytes,
         *,
         final: bool,
+        via_inbox: bool = False,
     ) -> str:
         """Check that ``session_id`` of ``principal`` owns the task and forward
-        ``payload``; return the replica where the consumer waits."""
+        ``payload``; return the replica where the consumer waits. Forwarding
+        skips the inbox when that replica is ``replica`` (the caller delivers),
+        unless ``via_inbox``."""
         res = await self._hot(
             self._post,
             [self.keys.task(task_id)],
@@ -122,6 +134,7 @@ class Store:
                 payload,
                 self.inbox_maxlen,
                 "1" if final else "0",
+                "1" if via_inbox else "0",
             ],
         )
         outcome = _s(res[0])
@@ -149,7 +162,7 @@ class Store:
         '' when the task was already gone."""
         key = self.keys.task(task_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     sid, where = (_s(x) for x in await pipe.hmget(key, "session", "replica"))
@@ -170,6 +183,7 @@ class Store:
                     return where
                 except WatchError:
                     continue
+            raise Contended()
 
     # --- sessions -----------------------------------------------------------
     async def session_principal(self, sid: str) -> str | None:
@@ -187,7 +201,7 @@ class Store:
         caller can close the old channel (a takeover)."""
         skey = self.keys.session(sid)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(skey)
                     old = await pipe.hmget(skey, "principal", "replica", "channel")
@@ -214,6 +228,7 @@ class Store:
                     return old_replica, old_channel
                 except WatchError:
                     continue
+            raise Contended()
 
     async def _check_session(self, sid: str, principal: str) -> None:
         owner = await self.session_principal(sid)
@@ -230,7 +245,7 @@ class Store:
         names = [p["name"] for p in providers]
         row_keys = [self.keys.llm(n) for n in names]
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(*row_keys)
                     current = [_row(await pipe.hgetall(k)) or None for k in row_keys]
@@ -258,6 +273,7 @@ class Store:
                     ]
                 except WatchError:
                     continue
+            raise Contended()
 
     async def heartbeat(self, sid: str, principal: str, now: float) -> list[str]:
         """Bump every row ``sid`` owns and revive its inactive ones."""
@@ -265,7 +281,7 @@ class Store:
         names = sorted(_s(n) for n in await self.redis.smembers(self.keys.session_llms(sid)))
         row_keys = [self.keys.llm(n) for n in names]
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     if row_keys:
                         await pipe.watch(*row_keys)
@@ -285,6 +301,7 @@ class Store:
                     return owned
                 except WatchError:
                     continue
+            raise Contended()
 
     async def unbind(self, sid: str, channel: str, now: float) -> list[OrphanedTask]:
         """The SSE channel ``channel`` of ``sid`` dropped: unless the session was
@@ -293,7 +310,7 @@ class Store:
         the ones returned are all orphaned tasks (the caller fails local ones)."""
         skey = self.keys.session(sid)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(skey, self.keys.session_tasks(sid))
                     if _s(await pipe.hget(skey, "channel")) != channel:
@@ -308,12 +325,13 @@ class Store:
                     return orphans
                 except WatchError:
                     continue
+            raise Contended()
 
     async def deactivate_session(self, sid: str, now: float) -> list[OrphanedTask]:
         """The session fell silent or its replica died (housekeeping): rows go
         inactive and in-flight tasks fail, as on a disconnect."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(self.keys.session(sid), self.keys.session_tasks(sid))
                     orphans = await self.session_fallout(pipe, sid, now)
@@ -321,6 +339,7 @@ class Store:
                     return orphans
                 except WatchError:
                     continue
+            raise Contended()
 
     async def session_fallout(self, pipe: Any, sid: str, now: float) -> list[OrphanedTask]:
         """Read (under WATCH) what a session's end touches, then queue, after
@@ -383,7 +402,7 @@ class Store:
         """Create or replace a public row; refused while a virtual row holds the name."""
         key = self.keys.llm(fields["name"])
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     row = _row(await pipe.hgetall(key))
@@ -415,6 +434,7 @@ class Store:
                     return new
                 except WatchError:
                     continue
+            raise Contended()
 
     async def delete_row(self, name: str) -> bool:
         row = await self.get_row(name)
@@ -431,7 +451,7 @@ class Store:
     async def mark_woken(self, name: str, now: float) -> bool:
         key = self.keys.llm(name)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     row = _row(await pipe.hgetall(key))
@@ -445,6 +465,7 @@ class Store:
                     return True
                 except WatchError:
                     continue
+            raise Contended()
 
     # --- replicas ---------------------------------------------------------------
     async def replica_alive(self, replica: str, ttl: float, now: float) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from relay import lifecycle
-from relay.store.common import OrphanedTask, _row, _s
+from relay.store.common import WATCH_ATTEMPTS, Contended, OrphanedTask, _row, _s
 from relay.store.store import Store
 
 log = logging.getLogger("relay.store")
@@ -43,7 +43,7 @@ class SweepStore:
         """Delete a row the sweep found past its retention, unless it changed since."""
         key = self.keys.llm(name)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     row = _row(await pipe.hgetall(key))
@@ -59,6 +59,7 @@ class SweepStore:
                     return True
                 except WatchError:
                     continue
+            raise Contended()
 
     async def _scan(self, pattern: str) -> set[str]:
         """Our keys matching ``pattern`` (after the tag). SCAN, never KEYS:
@@ -120,7 +121,7 @@ class SweepStore:
         failed)."""
         key = self.keys.llm(name)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     row = _row(await pipe.hgetall(key))
@@ -145,6 +146,7 @@ class SweepStore:
                     return flipped, orphans
                 except WatchError:
                     continue
+            raise Contended()
 
     async def release_dead_session(
         self, replica: str, sid: str, now: float
@@ -160,7 +162,7 @@ class SweepStore:
         live, skey = self.keys.replica(replica), self.keys.session(sid)
         linked = self.keys.replica_sessions(replica)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(live, skey, linked)
                     if await pipe.exists(live):
@@ -179,6 +181,7 @@ class SweepStore:
                     return flipped, orphans
                 except WatchError:
                     continue
+            raise Contended()
 
     async def remove_dead_replica(self, replica: str) -> tuple[bool, bool]:
         """Forget a dead replica once its sessions are released: delete its
@@ -188,7 +191,7 @@ class SweepStore:
         live, linked = self.keys.replica(replica), self.keys.replica_sessions(replica)
         inbox = self.keys.inbox(replica)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(live, linked, inbox)
                     if await pipe.exists(live) or await pipe.scard(linked):
@@ -201,6 +204,7 @@ class SweepStore:
                     return bool(deleted or dropped), bool(deleted)
                 except WatchError:
                     continue
+            raise Contended()
 
     async def sweepable_tasks(self, now: float) -> list[str]:
         """Task ids that ``remove_task`` would remove now (a read-only first
@@ -235,7 +239,7 @@ class SweepStore:
         would recreate their inbox). Returns what was done, or None."""
         key = self.keys.task(task_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _attempt in range(WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
                     task = _row(await pipe.hgetall(key))
@@ -285,3 +289,4 @@ class SweepStore:
                     return action
                 except WatchError:
                     continue
+            raise Contended()
