@@ -235,28 +235,59 @@ class Relay:
             raise RelayError(403, str(exc), "session_forbidden") from None
 
     # --- task posts from publishers -----------------------------------------------
-    async def post_chunks(self, principal: Principal, sid: str, task_id: str, raw: bytes) -> None:
+    async def post_chunks(
+        self, principal: Principal, sid: str, task_id: str, raw: bytes, *, ordered: bool
+    ) -> None:
+        """A chunk batch. When the consumer waits here it skips Redis, but only
+        if the batch carries its offset: it may overtake an earlier batch still
+        in the inbox, and the offset lets the consumer put it back in order."""
         local = self.pending.get(task_id)
-        if local is not None and local.session_id == sid and local.principal == principal.name:
-            local.put(Item("chunks", raw))  # consumer waits here: no Redis at all
+        if (
+            ordered
+            and local is not None
+            and local.session_id == sid
+            and local.principal == principal.name
+        ):
+            local.put(Item("chunks", raw))
             return
-        await self._post(principal, sid, task_id, "chunks", raw, final=False)
+        await self._post(principal, sid, task_id, "chunks", raw, final=False, via_inbox=not ordered)
 
     async def post_result(self, principal: Principal, sid: str, task_id: str, raw: bytes) -> None:
-        await self._post(principal, sid, task_id, "result", raw, final=True)
+        """A task's final answer. A stream's end always goes through the
+        consumer's inbox, even when the consumer waits here: earlier chunk
+        batches posted through other replicas are in that stream before it,
+        so the end cannot overtake them."""
+        local = self.pending.get(task_id)
+        via_inbox = local is not None and local.stream
+        await self._post(principal, sid, task_id, "result", raw, final=True, via_inbox=via_inbox)
 
     async def _post(
-        self, principal: Principal, sid: str, task_id: str, kind: str, raw: bytes, *, final: bool
+        self,
+        principal: Principal,
+        sid: str,
+        task_id: str,
+        kind: str,
+        raw: bytes,
+        *,
+        final: bool,
+        via_inbox: bool,
     ) -> None:
         try:
             where = await self.store.post(
-                task_id, sid, principal.name, self.replica_id, kind, raw, final=final
+                task_id,
+                sid,
+                principal.name,
+                self.replica_id,
+                kind,
+                raw,
+                final=final,
+                via_inbox=via_inbox,
             )
         except NotFound as exc:
             raise RelayError(404, str(exc), "task_not_found") from None
         except Forbidden as exc:
             raise RelayError(403, str(exc), "task_forbidden") from None
-        if where == self.replica_id:
+        if where == self.replica_id and not via_inbox:
             self.pending.deliver(task_id, Item("chunks" if kind == "chunks" else "result", raw))
 
     # --- consumer requests ----------------------------------------------------------
@@ -419,6 +450,15 @@ class Relay:
                     yield _error_event(item.status, item.message)
                     return
                 else:
+                    rest = pending.take_rest()
+                    if rest:
+                        log.warning(
+                            "task %s for %s: %d chunk(s) after a gap that never filled",
+                            pending.task_id,
+                            pending.llm,
+                            len(rest),
+                        )
+                        yield b"".join(b"data: " + c.encode() + b"\n\n" for c in rest)
                     body = orjson.loads(item.payload)
                     if "error" in body:
                         yield _error_event(502, self._publisher_failed(pending, body["error"]))

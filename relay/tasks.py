@@ -2,8 +2,9 @@
 
 Each pending task has a queue that results, chunk batches and failures are
 put on, whether they came from this replica's own routes or from its inbox.
-Chunk batches carry their offset so a batch delivered twice (a publisher
-retrying a POST whose answer it lost) reaches the consumer once.
+Chunk batches carry their offset, so a batch delivered twice (a publisher
+retrying a POST whose answer it lost) reaches the consumer once, and a batch
+that overtook an earlier one waits for it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Pending:
     replica: str = ""  # the replica holding the session when routed
     queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
     delivered: int = 0  # chunks passed on to the consumer so far
+    ahead: dict[int, list[str]] = field(default_factory=dict)  # batches past a gap
     finished: bool = False  # the consumer is done with it
     answered: bool = False  # a final item (result or fail) reached the consumer
 
@@ -44,14 +46,42 @@ class Pending:
             self.queue.put_nowait(item)
 
     def take_chunks(self, payload: bytes) -> list[str]:
-        """The chunks of a posted batch that the consumer has not had yet."""
+        """The chunks the consumer may have now, in stream order.
+
+        Batches can arrive out of order: one delivered on this replica at once
+        may overtake an earlier one still in the inbox stream. A batch whose
+        ``offset`` is ahead of what was delivered waits here until the gap is
+        filled; a batch (or part) already delivered is dropped."""
         batch = orjson.loads(payload)
         chunks: list[str] = batch.get("chunks") or []
         offset = batch.get("offset")
-        if isinstance(offset, int) and offset < self.delivered:
-            chunks = chunks[self.delivered - offset :]
-        self.delivered += len(chunks)
-        return chunks
+        if not isinstance(offset, int):  # a publisher that sends no offsets: arrival order
+            self.delivered += len(chunks)
+            return chunks
+        if offset > self.delivered:
+            self.ahead[offset] = chunks
+            return []
+        ready = chunks[self.delivered - offset :]
+        self.delivered += len(ready)
+        while self.ahead:
+            first = min(self.ahead)
+            if first > self.delivered:
+                break
+            more = self.ahead.pop(first)[self.delivered - first :]
+            ready.extend(more)
+            self.delivered += len(more)
+        return ready
+
+    def take_rest(self) -> list[str]:
+        """At the end of the stream: batches still waiting for a gap that will
+        never fill (a lost post). Better late and in order than never."""
+        rest: list[str] = []
+        for offset in sorted(self.ahead):
+            more = self.ahead[offset][max(self.delivered - offset, 0) :]
+            rest.extend(more)
+            self.delivered = max(self.delivered, offset) + len(more)
+        self.ahead.clear()
+        return rest
 
 
 class PendingTasks:

@@ -128,7 +128,7 @@ async def task_chunks(request: Request) -> Response:
         raise RelayError(
             422, "a chunk must be a single line (one SSE data payload)", "invalid_body"
         )
-    await relay_of(request).post_chunks(principal, sid, task_id, raw)
+    await relay_of(request).post_chunks(principal, sid, task_id, raw, ordered=offset is not None)
     return Response(_OK, media_type="application/json")
 
 

@@ -46,7 +46,8 @@ return {'ok', replica, sid, sess[2]}
 # A publisher posts for a task: check ownership, optionally finish the task,
 # and forward the payload to the inbox of the replica where the consumer waits.
 # KEYS[1] task. ARGV: tag, taskId, sessionId, principal, selfReplica,
-# messageKind, payload, inboxMaxlen, final ('1' ends the task).
+# messageKind, payload, inboxMaxlen, final ('1' ends the task), viaInbox ('1':
+# through the inbox even when the consumer waits on selfReplica, to keep order).
 POST = """
 local t = redis.call('HMGET', KEYS[1], 'session', 'principal', 'replica')
 if not t[1] then return {'unknown'} end
@@ -55,7 +56,7 @@ if ARGV[9] == '1' then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', ARGV[1] .. ':session:' .. t[1] .. ':tasks', ARGV[2])
 end
-if t[3] ~= ARGV[5] then
+if t[3] ~= ARGV[5] or ARGV[10] == '1' then
   redis.call('XADD', ARGV[1] .. ':inbox:' .. t[3], 'MAXLEN', '~', ARGV[8], '*',
     'k', ARGV[6], 't', ARGV[2], 'd', ARGV[7])
 end

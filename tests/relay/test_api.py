@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import fakeredis
 import httpx
 import openai
 import orjson
@@ -471,3 +472,62 @@ async def wait_for_status(relay: Relay, name: str, status: str, timeout: float =
     async with asyncio.timeout(timeout):
         while ((await relay.store.get_row(name)) or {}).get("status") != status:
             await asyncio.sleep(0.01)
+
+
+async def test_a_local_chunk_post_cannot_overtake_one_in_the_inbox(
+    make_settings: Callable[..., Settings], fake_clients: Clients
+) -> None:
+    """Publisher on A, consumer on B. A batch posted to A travels through B's
+    inbox; the next one, posted to B itself, is delivered at once. Holding B's
+    inbox shows that the consumer still gets every chunk once and in order,
+    and that the end of the stream waits for the batches before it."""
+    server = fake_clients.commands.connection_pool.connection_kwargs["server"]
+    b_clients = Clients(
+        fakeredis.FakeAsyncRedis(server=server), fakeredis.FakeAsyncRedis(server=server)
+    )
+    prefix = "shared"
+    async with (
+        serve_replica(make_settings(redis_prefix=prefix, replica_id="ra"), fake_clients) as (
+            url_a,
+            _,
+        ),
+        serve_replica(make_settings(redis_prefix=prefix, replica_id="rb"), b_clients) as (
+            url_b,
+            relay_b,
+        ),
+    ):
+        pub = await publisher(url_a)
+        await pub.register(LLAMA)
+        to_b = ScriptedPublisher(url_b)  # the same session, posting through replica B
+        to_b.session_id = pub.session_id
+        held: list[Any] = []
+        dispatch = relay_b.inbox._dispatch
+        relay_b.inbox._dispatch = held.append  # B's inbox is slow for a while
+        async with httpx.AsyncClient(base_url=url_b, timeout=10) as http:
+
+            async def consume() -> list[str]:
+                body = {"model": "llama", "messages": [], "stream": True}
+                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    return [
+                        line[6:] async for line in resp.aiter_lines() if line.startswith("data: ")
+                    ]
+
+            call = asyncio.create_task(consume())
+            task = await pub.next_event("task")
+            tid = task["taskId"]
+            assert (
+                await pub.chunks(tid, [chat_chunk("0"), chat_chunk("1")], offset=0)
+            ).status_code == 200
+            assert (await to_b.chunks(tid, [chat_chunk("2")], offset=2)).status_code == 200
+            assert (await to_b.result(tid, {"status": 200})).status_code == 200
+            async with asyncio.timeout(5):
+                while len(held) < 2:  # the first batch and the end, both in B's inbox
+                    await asyncio.sleep(0.01)
+            relay_b.inbox._dispatch = dispatch
+            for message in held:
+                dispatch(message)
+            lines = await asyncio.wait_for(call, 5)
+        texts = [orjson.loads(x)["choices"][0]["delta"]["content"] for x in lines[:-1]]
+        assert texts == ["0", "1", "2"] and lines[-1] == "[DONE]"
+        await pub.aclose()
+        await to_b.aclose()

@@ -112,10 +112,11 @@ class ScriptedPublisher:
         )
 
     async def disconnect(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        if self._reader is None:
+            return  # never connected: only posts
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
         await asyncio.wait_for(self.closed.wait(), 5)
 
     async def aclose(self) -> None:
