@@ -193,10 +193,8 @@ def nginx_binary() -> str | None:
 #   offsets; a repeated result post is a 404 the publisher ignores). Without
 #   it, a POST that reached a replica's accept queue the instant its
 #   listener closed would fail with 502;
-# - a publisher's posts for one task (chunks, then result) go to one replica
-#   (hash of the task id), so they reach the consumer in the order they were
-#   sent: spread over replicas, a post delivered locally on the consumer's
-#   replica can overtake an earlier one still in its inbox stream;
+# - plain round-robin for everything, task posts included: the relay puts a
+#   task's chunk batches back in order whichever replicas they went through;
 # - no response buffering and long read timeouts: SSE streams (the
 #   publishers' control channels, the consumers' token streams) must flow
 #   as they come and may stay quiet for a while between keep-alives.
@@ -222,10 +220,6 @@ http {{
     upstream relay {{
 {servers}
     }}
-    upstream relay_task_posts {{
-        hash $task_id consistent;
-{servers}
-    }}
 
     server {{
         listen 127.0.0.1:{port};
@@ -242,9 +236,6 @@ http {{
         proxy_next_upstream_tries 3;
         proxy_next_upstream_timeout 10s;
 
-        location ~ ^/api/v1/_provider-task/(?<task_id>[^/]+)/ {{
-            proxy_pass http://relay_task_posts;
-        }}
         location / {{
             proxy_pass http://relay;
         }}
