@@ -331,16 +331,23 @@ class Relay:
         pending.session_id = route.session_id
         pending.principal = route.principal
         pending.replica = route.replica
-        if route.replica == self.replica_id:
-            channel = self.sessions.get(route.session_id)
-            if channel is None or channel.closed:
-                if self.handoff.hold(route.session_id, task_id, payload, self.replica_id):
-                    return pending  # released by the drain: forwarded once it resumes
-                self.pending.pop(task_id)
-                self.spawn(self.store.cancel(task_id, self.replica_id), "cancel")
-                raise RelayError(503, f"the publisher of {name!r} is offline", "provider_offline")
-            channel.send(wire.EVENT_TASK, payload)
+        if route.replica == self.replica_id and not self.deliver_local(
+            route.session_id, task_id, payload
+        ):
+            self.pending.pop(task_id)
+            self.spawn(self.store.cancel(task_id, self.replica_id), "cancel")
+            raise RelayError(503, f"the publisher of {name!r} is offline", "provider_offline")
         return pending
+
+    def deliver_local(self, session_id: str, task_id: str, payload: bytes) -> bool:
+        """Push a task routed to this replica down its session's channel or,
+        while draining, hold it for the publisher that is moving elsewhere
+        (``relay.drain``). False: the session is not here at all."""
+        channel = self.sessions.get(session_id)
+        if channel is not None and not channel.closed:
+            channel.send(wire.EVENT_TASK, payload)
+            return True
+        return self.handoff.hold(session_id, task_id, payload, self.replica_id)
 
     async def awaken(
         self, name: str, route: Route, path: str, raw: bytes, stream: bool

@@ -198,11 +198,10 @@ class Waker:
                 route.principal,
                 route.replica,
             )
-            if route.replica == relay.replica_id:
-                channel = relay.sessions.get(route.session_id)
-                if channel is None or channel.closed:
-                    return WakeOutcome(False, "the publisher disconnected")
-                channel.send("task", payload)
+            if route.replica == relay.replica_id and not relay.deliver_local(
+                route.session_id, task_id, payload
+            ):
+                return WakeOutcome(False, "the publisher disconnected")
             try:
                 status, body = await relay.result(pending)
             except RelayError as exc:
