@@ -28,6 +28,7 @@ from relay.drain import Handoff
 from relay.errors import RelayError, error_body, status_type
 from relay.keys import Keys
 from relay.lifecycle import Conflict
+from relay.metrics import Metrics
 from relay.sessions import Channel, Sessions
 from relay.store import Forbidden, NotFound, Route, Store
 from relay.tasks import Item, Pending, PendingTasks
@@ -78,6 +79,30 @@ class Relay:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self.metrics = Metrics()
+        self.metrics.watch(
+            {
+                "relay_sessions_held": (
+                    "Publisher channels held here.",
+                    lambda: len(self.sessions),
+                ),
+                "relay_tasks_waiting": (
+                    "Consumer requests waiting here.",
+                    lambda: len(self.pending),
+                ),
+                "relay_inbox_healthy": (
+                    "1 while the inbox reader works.",
+                    lambda: self.inbox.healthy,
+                ),
+                "relay_draining": ("1 once SIGTERM began the drain.", lambda: self.draining),
+                "relay_handoff_held": (
+                    "Tasks held for publishers moving off this draining replica.",
+                    lambda: self.handoff.held,
+                ),
+            }
+        )
+        self._answered = self.metrics.tasks.labels("answered")
+        self._abandoned = self.metrics.tasks.labels("abandoned")
 
     # --- lifecycle of the replica -------------------------------------------
     async def start(self) -> None:
@@ -190,6 +215,7 @@ class Relay:
         if old_replica:
             how = f"taken over from replica {old_replica}"
         log.info("session %s %s by %s on replica %s", sid, how, principal.name, self.replica_id)
+        self.metrics.sessions_opened.inc()
         if self.draining:  # the drain began while this channel was being bound
             self._release(channel)
         return channel
@@ -198,6 +224,7 @@ class Relay:
         """The SSE connection ended. Unless a newer channel took the session
         over, its rows go inactive and its in-flight tasks fail everywhere."""
         self.sessions.discard(channel)
+        self.metrics.sessions_closed.labels("kept" if channel.taken_over else "deactivated").inc()
         if channel.taken_over:
             log.info("session %s: channel closed (%s)", channel.session_id, channel.close_reason)
             return
@@ -323,6 +350,7 @@ class Relay:
         except BaseException:
             self.pending.pop(task_id)
             raise
+        self.metrics.requests.labels(route.outcome).inc()
         if route.outcome != "ok":
             self.pending.pop(task_id)
             if route.outcome in ("public", "hibernating"):
@@ -452,6 +480,7 @@ class Relay:
                 if item.kind == "chunks":
                     chunks = pending.take_chunks(item.payload)
                     if chunks:
+                        self.metrics.chunks.inc(len(chunks))
                         yield b"".join(b"data: " + c.encode() + b"\n\n" for c in chunks)
                 elif item.kind == "fail":
                     yield _error_event(item.status, item.message)
@@ -526,6 +555,7 @@ class Relay:
         answer came, tell the publisher to stop and forget the task."""
         if self.pending.pop(pending.task_id) is None:
             return
+        (self._answered if pending.answered else self._abandoned).inc()
         if not pending.answered:
             self.spawn(self._cancel(pending), f"cancel {pending.task_id}")
 

@@ -136,6 +136,7 @@ class Waker:
                         relay.replica_id,
                     ],
                 )
+                relay.metrics.wakes.labels("ok" if outcome.ok else "failed").inc()
                 log.info(
                     "wake of %s %s (told %d other replica(s))",
                     name,
