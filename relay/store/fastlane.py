@@ -9,6 +9,9 @@ cannot connect, loses its connection, hits a timeout or finds a read-only
 replica (a failover) is dropped, the call goes through redis-py (which
 waits out the outage), and the lane reconnects in the background, to
 wherever redis-py's pool then points.
+
+The inbox reader's blocking XREAD uses the same protocol on a connection of
+its own (``BlockingLane``), for the same reason: two reads per request.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class _LaneProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         assert hiredis is not None
         self.reader = hiredis.Reader()
+        # (future, deadline): the reply is overdue after the deadline.
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
@@ -80,7 +84,9 @@ class _LaneProtocol(asyncio.Protocol):
             else:
                 fut.set_result(reply)
 
-    def call(self, args: Sequence[Any]) -> asyncio.Future[Any]:
+    def call(
+        self, args: Sequence[Any], timeout: float = LANE_TIMEOUT_SECONDS
+    ) -> asyncio.Future[Any]:
         if self.lost or self.transport is None:
             raise LaneDown("not connected")
         loop = asyncio.get_running_loop()
@@ -88,7 +94,7 @@ class _LaneProtocol(asyncio.Protocol):
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(hiredis.pack_command(tuple(args)))
-        self.waiting.append((fut, time.monotonic()))
+        self.waiting.append((fut, time.monotonic() + timeout))
         return fut
 
     def _flush(self) -> None:
@@ -97,17 +103,21 @@ class _LaneProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     def stale(self, now: float) -> bool:
-        return bool(self.waiting) and now - self.waiting[0][1] > LANE_TIMEOUT_SECONDS
+        return bool(self.waiting) and now > self.waiting[0][1]
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
 
-class FastLane:
-    """The hot-path scripts' connection (see above). Only for plain TCP
-    connections of redis-py proper: TLS, Unix sockets, credential providers
-    and fakeredis (the embedded store) keep the ordinary path."""
+class _Lane:
+    """One lane connection and its upkeep: connect in the background to where
+    redis-py's pool points, drop on failure, reconnect later. Only for plain
+    TCP connections of redis-py proper: TLS, Unix sockets, credential
+    providers and fakeredis (the embedded store) keep the ordinary path."""
+
+    name = "redis lane"
+    require_master = False  # check ROLE on connect (a read must not land on a replica)
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -118,34 +128,18 @@ class FastLane:
         # fakeredis (the embedded store) and wrappers such as arq's keep redis-py.
         self.disabled = hiredis is None or type(redis).__module__ != "redis.asyncio.client"
 
-    async def evalsha(
-        self, sha: str, script: bytes, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:
-        """Run a loaded script; raises LaneDown when the caller must fall back."""
+    def _connected(self) -> _LaneProtocol:
+        """The live protocol, or LaneDown (and a reconnect in the background)."""
         proto = self._proto
         if proto is None or proto.lost:
             self._proto = None
             self._start()
             raise LaneDown("not connected")
-        try:
-            try:
-                return await proto.call(("EVALSHA", sha, len(keys), *keys, *args))
-            except ResponseError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                return await proto.call(("EVAL", script, len(keys), *keys, *args))
-        except ResponseError as exc:
-            if str(exc).startswith(("READONLY", "LOADING", "MASTERDOWN")):
-                self.drop(str(exc))
-                raise LaneDown(str(exc)) from None
-            raise
-        except LaneDown:
-            self.drop("connection lost")
-            raise
+        return proto
 
     def drop(self, why: str) -> None:
         if self._proto is not None:
-            log.info("redis fast lane dropped (%s); redis-py carries the hot path meanwhile", why)
+            log.info("%s dropped (%s); redis-py carries its commands meanwhile", self.name, why)
             self._proto.close()
             self._proto = None
         self._retry_at = time.monotonic() + LANE_RETRY_SECONDS
@@ -153,7 +147,7 @@ class FastLane:
     def _start(self) -> None:
         if self.disabled or self._connecting is not None or time.monotonic() < self._retry_at:
             return
-        self._connecting = asyncio.create_task(self._connect(), name="redis fast lane")
+        self._connecting = asyncio.create_task(self._connect(), name=self.name)
 
     async def _connect(self) -> None:
         try:
@@ -183,13 +177,16 @@ class FastLane:
                 setup.append(proto.call(auth))
             if db:
                 setup.append(proto.call(("SELECT", db)))
-            setup.append(proto.call(("PING",)))
-            await asyncio.wait_for(asyncio.gather(*setup), LANE_TIMEOUT_SECONDS)
+            setup.append(proto.call(("ROLE",) if self.require_master else ("PING",)))
+            replies = await asyncio.wait_for(asyncio.gather(*setup), LANE_TIMEOUT_SECONDS)
+            if self.require_master and replies[-1][0] != b"master":
+                proto.close()
+                raise LaneDown(f"{host}:{port} is not a master")
             self._proto = proto
             if self._watchdog is None or self._watchdog.done():
-                self._watchdog = asyncio.create_task(self._watch(), name="redis fast lane watchdog")
-        except Exception as exc:  # redis-py keeps the hot path; try again later
-            log.debug("redis fast lane not connected: %s", exc)
+                self._watchdog = asyncio.create_task(self._watch(), name=f"{self.name} watchdog")
+        except Exception as exc:  # redis-py keeps the commands; try again later
+            log.debug("%s not connected: %s", self.name, exc)
             self._retry_at = time.monotonic() + LANE_RETRY_SECONDS
         finally:
             self._connecting = None
@@ -200,7 +197,7 @@ class FastLane:
             await asyncio.sleep(1.0)
             proto = self._proto
             if proto is not None and proto.stale(time.monotonic()):
-                self.drop(f"no reply within {LANE_TIMEOUT_SECONDS:g} s")
+                self.drop("reply overdue")
 
     async def aclose(self) -> None:
         for task in (self._connecting, self._watchdog):
@@ -210,3 +207,49 @@ class FastLane:
             self._proto.close()
             self._proto = None
         self.disabled = True
+
+
+class FastLane(_Lane):
+    """The hot-path scripts' connection (see the module doc)."""
+
+    name = "redis fast lane"
+
+    async def evalsha(
+        self, sha: str, script: bytes, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """Run a loaded script; raises LaneDown when the caller must fall back."""
+        proto = self._connected()
+        try:
+            try:
+                return await proto.call(("EVALSHA", sha, len(keys), *keys, *args))
+            except ResponseError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                return await proto.call(("EVAL", script, len(keys), *keys, *args))
+        except ResponseError as exc:
+            if str(exc).startswith(("READONLY", "LOADING", "MASTERDOWN")):
+                self.drop(str(exc))
+                raise LaneDown(str(exc)) from None
+            raise
+        except LaneDown:
+            self.drop("connection lost")
+            raise
+
+
+class BlockingLane(_Lane):
+    """The inbox reader's blocking XREAD (see the module doc). Any failure,
+    an error reply included (UNBLOCKED on a demoted master), raises LaneDown:
+    the reader then reads through redis-py, from the same last id."""
+
+    name = "redis inbox lane"
+    require_master = True
+
+    async def xread(self, stream: str, last_id: Any, count: int, block_ms: int) -> Any:
+        """XREAD's raw reply: None, or ``[[stream, [[id, [field, value, ...]], ...]]]``."""
+        proto = self._connected()
+        args = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, last_id)
+        try:
+            return await proto.call(args, block_ms / 1000 + LANE_TIMEOUT_SECONDS)
+        except (LaneDown, ResponseError) as exc:
+            self.drop(str(exc) or type(exc).__name__)
+            raise LaneDown(str(exc)) from None
