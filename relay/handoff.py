@@ -1,15 +1,17 @@
-"""Tasks that reach a draining replica for a publisher it has just let go.
+"""Tasks that reach a replica for a publisher session it no longer holds.
 
-On SIGTERM a replica asks its publishers to reconnect elsewhere (``event:
-reconnect``) and closes their channels without deactivating their rows.
-Until a publisher's session is bound on its new replica, the session still
-names this replica, whose inbox reader still runs: a task routed in that
-window (by any replica) arrives here and finds no channel. Failing it with
-503 would fail requests in every rolling restart, so this replica holds it
-instead, and forwards it to the new replica's inbox as soon as the session
-moves there: on the ``close`` message the new binding sends here, or at the
-latest on the next periodic check. A task still held after
-``HANDOFF_SECONDS`` (the publisher did not come back) fails as before.
+A session moves between replicas: on SIGTERM a replica asks its publishers
+to reconnect elsewhere (``event: reconnect``); a publisher whose connection
+broke resumes wherever the load balancer sends it, and the new channel
+takes the session over. Until the new binding is recorded, the session still
+names the old replica, whose inbox reader still runs: a task routed in that
+window (by any replica) arrives there and finds no channel. Failing it would
+fail requests in every rolling restart and every reconnect, so the old
+replica holds it instead, and forwards it to the new replica's inbox as soon
+as the session is bound there: at once if it already is, on the ``close``
+message the new binding sends here, or at the latest on the next periodic
+check. A task still held after ``HANDOFF_SECONDS`` (the publisher did not
+come back), or whose session ended, fails as before.
 
 The consumer's side is untouched: its request waits where it is, and the
 publisher's chunks and result reach it through the consumer replica's inbox
@@ -28,7 +30,7 @@ from redis.asyncio import Redis
 
 from relay.keys import Keys
 
-log = logging.getLogger("relay.drain")
+log = logging.getLogger("relay.handoff")
 
 # How long a held task waits for its publisher to resume on another replica.
 # The agent reconnects at once on ``reconnect``; this covers a slow network
@@ -79,7 +81,6 @@ class Handoff:
         self._inbox_maxlen = inbox_maxlen
         self._fail = fail
         self._forward = redis.register_script(_FORWARD)
-        self._released: set[str] = set()
         self._held: dict[str, list[_Held]] = {}
         self._moved: dict[str, asyncio.Event] = {}
         self._forwarders: dict[str, asyncio.Task[None]] = {}
@@ -90,14 +91,11 @@ class Handoff:
         """Tasks held right now, over all sessions."""
         return sum(len(tasks) for tasks in self._held.values())
 
-    def release(self, session_id: str) -> None:
-        """This replica let the session go (drain): hold its tasks from now on."""
-        self._released.add(session_id)
-
     def hold(self, session_id: str, task_id: str, payload: bytes, consumer: str) -> bool:
-        """Hold a task for a released session; False if the session was not
-        released here (the caller fails the task as undeliverable)."""
-        if session_id not in self._released or self._closing:
+        """Hold a task for a session this replica does not hold, until it can
+        go where the session is; False once shutting down (the caller fails
+        the task as undeliverable)."""
+        if self._closing:
             return False
         self._held.setdefault(session_id, []).append(_Held(task_id, consumer, payload))
         if session_id not in self._forwarders:
@@ -105,7 +103,9 @@ class Handoff:
             self._forwarders[session_id] = asyncio.create_task(
                 self._run(session_id), name=f"handoff {session_id}"
             )
-        log.info("task %s held: session %s is reconnecting to another replica", task_id, session_id)
+        log.info(
+            "task %s held: session %s is not here, forwarding it where it is", task_id, session_id
+        )
         return True
 
     def moved(self, session_id: str) -> None:

@@ -24,8 +24,8 @@ from relay.auth import Principal
 from relay.bus import Inbox, Message
 from relay.config import Settings
 from relay.connections import Clients
-from relay.drain import Handoff
 from relay.errors import RelayError, error_body, status_type
+from relay.handoff import Handoff
 from relay.keys import Keys
 from relay.lifecycle import Conflict
 from relay.metrics import Metrics
@@ -73,7 +73,7 @@ class Relay:
         self.inbox = Inbox(clients.blocking, self.keys.inbox(self.replica_id), self._on_message)
         self.waker = Waker(self)
         self.draining = False
-        # Tasks for publishers this replica let go while draining (relay.drain).
+        # Tasks for sessions that moved to another replica (relay.handoff).
         self.handoff = Handoff(
             clients.commands, self.keys, self.replica_id, settings.inbox_maxlen, self._undeliverable
         )
@@ -151,8 +151,7 @@ class Relay:
 
     def _release(self, ch: Channel) -> None:
         """Draining: ask the channel's publisher to resume on another replica,
-        keep its rows, and hold tasks for it until it did (relay.drain)."""
-        self.handoff.release(ch.session_id)
+        keep its rows, and hold tasks for it until it did (relay.handoff)."""
         ch.send_json(wire.EVENT_RECONNECT, {})
         ch.close(taken_over=True, reason="replica draining, publisher asked to reconnect")
 
@@ -214,6 +213,12 @@ class Relay:
         how = "resumed" if resume else "opened"
         if old_replica:
             how = f"taken over from replica {old_replica}"
+        if old_replica and old_replica != self.replica_id:
+            stranded = await self.store.stranded_tasks(sid, old_replica)
+            for _task_id, payload in stranded:
+                channel.send(wire.EVENT_TASK, payload)
+            if stranded:
+                how += f", which died: {len(stranded)} task(s) it never delivered sent again"
         log.info("session %s %s by %s on replica %s", sid, how, principal.name, self.replica_id)
         self.metrics.sessions_opened.inc()
         if self.draining:  # the drain began while this channel was being bound
@@ -360,22 +365,23 @@ class Relay:
         pending.principal = route.principal
         pending.replica = route.replica
         if route.replica == self.replica_id and not self.deliver_local(
-            route.session_id, task_id, payload
+            route.session_id, task_id, payload, self.replica_id
         ):
             self.pending.pop(task_id)
             self.spawn(self.store.cancel(task_id, self.replica_id), "cancel")
             raise RelayError(503, f"the publisher of {name!r} is offline", "provider_offline")
         return pending
 
-    def deliver_local(self, session_id: str, task_id: str, payload: bytes) -> bool:
+    def deliver_local(self, session_id: str, task_id: str, payload: bytes, consumer: str) -> bool:
         """Push a task routed to this replica down its session's channel or,
-        while draining, hold it for the publisher that is moving elsewhere
-        (``relay.drain``). False: the session is not here at all."""
+        if the session is no longer here (a drain, a reconnect elsewhere),
+        hold it and forward it where the session went (``relay.handoff``).
+        False: neither (shutting down)."""
         channel = self.sessions.get(session_id)
         if channel is not None and not channel.closed:
             channel.send(wire.EVENT_TASK, payload)
             return True
-        return self.handoff.hold(session_id, task_id, payload, self.replica_id)
+        return self.handoff.hold(session_id, task_id, payload, consumer)
 
     async def awaken(
         self, name: str, route: Route, path: str, raw: bytes, stream: bool
@@ -580,10 +586,7 @@ class Relay:
                 msg[b"t"].decode(), Item("fail", status=int(msg[b"c"]), message=msg[b"d"].decode())
             )
         elif kind == b"task":
-            channel = self.sessions.get(msg[b"s"].decode())
-            if channel is not None and not channel.closed:
-                channel.send(wire.EVENT_TASK, msg[b"d"])
-            elif not self.handoff.hold(
+            if not self.deliver_local(
                 msg[b"s"].decode(), msg[b"t"].decode(), msg[b"d"], msg.get(b"r", b"").decode()
             ):
                 self.spawn(

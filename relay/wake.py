@@ -200,7 +200,7 @@ class Waker:
                 route.replica,
             )
             if route.replica == relay.replica_id and not relay.deliver_local(
-                route.session_id, task_id, payload
+                route.session_id, task_id, payload, relay.replica_id
             ):
                 return WakeOutcome(False, "the publisher disconnected")
             try:

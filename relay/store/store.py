@@ -379,6 +379,29 @@ class Store:
         pipe.delete(self.keys.session_tasks(sid))
         return orphans
 
+    async def stranded_tasks(
+        self, sid: str, replica: str, limit: int = 10_000
+    ) -> list[tuple[str, bytes]]:
+        """Tasks for ``sid`` left in the inbox of ``replica`` if it is dead,
+        still unanswered (their records exist): what it may never have pushed
+        down the session's channel. (id, payload) in routing order; empty
+        while ``replica`` lives, since it forwards such tasks itself."""
+        if await self.redis.exists(self.keys.replica(replica)):
+            return []
+        entries = await self.redis.xrange(self.keys.inbox(replica), count=limit)
+        found = [
+            (_s(fields[b"t"]), fields[b"d"])
+            for _, fields in entries
+            if fields.get(b"k") == b"task" and _s(fields.get(b"s")) == sid
+        ]
+        if not found:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id, _ in found:
+                pipe.hget(self.keys.task(task_id), "session")
+            owners = await pipe.execute()
+        return [item for item, owner in zip(found, owners, strict=True) if _s(owner) == sid]
+
     # --- rows -----------------------------------------------------------------
     async def get_row(self, name: str) -> Row | None:
         raw = await self.redis.hgetall(self.keys.llm(name))

@@ -85,7 +85,7 @@ async def test_tasks_routed_while_the_publisher_moves_are_forwarded_not_failed(p
 async def test_a_publisher_that_never_resumes_fails_held_tasks_with_503(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("relay.drain.HANDOFF_SECONDS", 0.5)
+    monkeypatch.setattr("relay.handoff.HANDOFF_SECONDS", 0.5)
     (url_a, relay_a), (url_b, _) = pair
     pub = ScriptedPublisher(url_a, handler=echo_handler)
     await pub.connect()

@@ -62,6 +62,7 @@ class ScriptedPublisher:
                     elif line.startswith("data: "):
                         data = orjson.loads(line[6:])
                         if event == wire.EVENT_SESSION and not ready.done():
+                            self.session_id = data["sessionId"]  # before any task's handler
                             ready.set_result(data["sessionId"])
                         elif event == wire.EVENT_TASK and self.handler is not None:
                             task = asyncio.create_task(self.handler(self, data))
