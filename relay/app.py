@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from relay.api import admin, errors, health, openai, providers
+from relay.api.fastpath import RelayApp
 from relay.auth import Authenticator, load_authenticator
 from relay.config import Settings
 from relay.connections import Clients, connect
@@ -67,7 +68,7 @@ def create_app(
             if clients is None:
                 await own_clients.aclose()
 
-    app = FastAPI(
+    app = RelayApp(
         title="LLM relay",
         version="0.1.0",
         lifespan=lifespan,
