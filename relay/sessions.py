@@ -1,15 +1,14 @@
 """Publisher control channels held by this replica.
 
-A channel is the server side of one publisher's SSE connection: a queue of
-ready-made SSE frames that the response generator drains. Frames are built
+A channel is the server side of one publisher's SSE connection: a list of
+ready-made SSE frames that its response writes out. Frames are built
 once, as bytes, when the task is routed; nothing re-encodes them here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 import orjson
 
@@ -23,60 +22,56 @@ def frame(event: str, data: bytes) -> bytes:
 
 
 class Channel:
+    """Frames waiting for the publisher. The response writing them
+    (``relay.api.control.ChannelResponse``) sets ``wake`` to hear about new
+    ones: no queue, no task parked on one per idle channel."""
+
     def __init__(self, session_id: str, principal: str) -> None:
         self.session_id = session_id
         self.principal = principal
         self.channel_id = secrets.token_hex(8)
         self.taken_over = False  # closed without deactivating: a resume, or a drain
         self.close_reason = ""
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.closed = False
+        self.wake: Callable[[], None] | None = None
+        self._frames: list[bytes] = []
 
     def send(self, event: str, data: bytes) -> None:
         if not self.closed:
-            self._queue.put_nowait(frame(event, data))
+            self._frames.append(frame(event, data))
+            if self.wake is not None:
+                self.wake()
 
     def send_json(self, event: str, obj: object) -> None:
         self.send(event, orjson.dumps(obj))
 
+    def ping(self) -> None:
+        """Queue a keep-alive comment (the channel has been quiet)."""
+        if not self.closed:
+            self._frames.append(_PING)
+            if self.wake is not None:
+                self.wake()
+
     def close(self, *, taken_over: bool = False, reason: str = "") -> None:
-        """End the stream after what is queued; the generator then returns.
-        ``taken_over``: the session lives on elsewhere, keep its rows."""
+        """End the stream after what is queued. ``taken_over``: the session
+        lives on elsewhere, keep its rows."""
         if not self.closed:
             self.taken_over = taken_over
             self.close_reason = reason
             self.closed = True
-            self._queue.put_nowait(None)
+            if self.wake is not None:
+                self.wake()
 
-    async def frames(self, ping_seconds: float = PING_SECONDS) -> AsyncIterator[bytes]:
-        """The SSE body: queued frames, batched when several are ready, and a
-        keep-alive comment whenever the channel has been quiet for a while."""
-        queue = self._queue
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for adds a
-                # task per wait, and every idle channel waits all the time.
-                async with asyncio.timeout(ping_seconds):
-                    item = await queue.get()
-            except TimeoutError:
-                yield _PING
-                continue
-            if item is None:
-                return
-            if queue.empty():
-                yield item
-                continue
-            parts = [item]
-            end = False
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if nxt is None:
-                    end = True
-                    break
-                parts.append(nxt)
-            yield b"".join(parts)
-            if end:
-                return
+    @property
+    def pending(self) -> bool:
+        return bool(self._frames)
+
+    def take(self) -> bytes:
+        """Everything queued, as one write (b"" when nothing is)."""
+        if not self._frames:
+            return b""
+        frames, self._frames = self._frames, []
+        return frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 class Sessions:

@@ -8,13 +8,11 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.responses import StreamingResponse
 
 from relay import wire
+from relay.api.control import ChannelResponse
 from relay.api.deps import authorize, read_json_object, relay_of
 from relay.errors import RelayError
-from relay.service import Relay
-from relay.sessions import Channel
 
 router = APIRouter()
 
@@ -67,20 +65,14 @@ async def session(request: Request, sessionId: str | None = None) -> Response:
     principal = authorize(request, "publish")
     relay = relay_of(request)
     channel = await relay.open_channel(principal, sessionId)
-    return StreamingResponse(
-        _channel_body(relay, channel),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
 
-
-async def _channel_body(relay: Relay, channel: Channel) -> Any:
-    try:
-        async for frame in channel.frames():
-            yield frame
-    finally:
-        # The request scope is being cancelled: unbind in a task of its own.
+    def unbind() -> None:
+        # The request scope may be being cancelled: unbind in a task of its own.
         relay.spawn(relay.close_channel(channel), f"unbind {channel.session_id}")
+
+    return ChannelResponse(
+        channel, unbind, headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+    )
 
 
 @router.post(wire.REGISTER_PATH)
