@@ -1,4 +1,4 @@
-"""The hot POST routes, dispatched before FastAPI's middleware stack.
+"""The hot routes, dispatched before FastAPI's middleware stack.
 
 The consumer's inference posts and the publisher's task posts run once per
 request (or chunk batch). Through FastAPI they pass its server-error and
@@ -37,6 +37,9 @@ _TASK: dict[str, Endpoint] = {
     wire.TASK_RESULT_PATH.partition("{task_id}")[2]: providers.task_result,
 }
 assert wire.TASK_RESULT_PATH.startswith(_TASK_PREFIX)
+# The publisher's control channel: not hot for CPU, but its frames live as
+# long as the connection, so the middleware it skips is memory per session.
+_CHANNEL: tuple[Endpoint, dict[str, Any] | None] = (providers.session, None)
 
 
 def _hot(path: str) -> tuple[Endpoint, dict[str, Any] | None] | None:
@@ -55,13 +58,21 @@ def _hot(path: str) -> tuple[Endpoint, dict[str, Any] | None] | None:
 
 
 class RelayApp(FastAPI):
-    """FastAPI, with the hot POST routes dispatched first (see module doc)."""
+    """FastAPI, with the hot POST routes and the control channel dispatched
+    first (see module doc)."""
 
     _fast: bool | None = None  # decided on the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self._fast is not False:
-            hot = _hot(scope["path"])
+        if scope["type"] == "http" and self._fast is not False:
+            method = scope["method"]
+            hot = (
+                _hot(scope["path"])
+                if method == "POST"
+                else _CHANNEL
+                if method == "GET" and scope["path"] == wire.SESSION_PATH
+                else None
+            )
             if hot is not None and (self._fast or self._decide(scope)):
                 await self._dispatch(hot, scope, receive, send)
                 return

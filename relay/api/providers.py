@@ -60,11 +60,14 @@ def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
         ) from None
 
 
-@router.get(wire.SESSION_PATH)
-async def session(request: Request, sessionId: str | None = None) -> Response:
+async def session(request: Request) -> Response:
+    """The control channel (``?sessionId=`` resumes). A plain route, also
+    dispatched before FastAPI's middleware (``relay.api.fastpath``): the
+    request's frames stay alive as long as the channel, on every idle
+    publisher connection, so each layer saved is memory per session."""
     principal = authorize(request, "publish")
     relay = relay_of(request)
-    channel = await relay.open_channel(principal, sessionId)
+    channel = await relay.open_channel(principal, request.query_params.get("sessionId"))
 
     def unbind() -> None:
         # The request scope may be being cancelled: unbind in a task of its own.
@@ -142,5 +145,6 @@ async def task_result(request: Request) -> Response:
     return Response(_OK, media_type="application/json")
 
 
+router.add_route(wire.SESSION_PATH, session, methods=["GET"])
 router.add_route(wire.TASK_CHUNKS_PATH, task_chunks, methods=["POST"])
 router.add_route(wire.TASK_RESULT_PATH, task_result, methods=["POST"])

@@ -117,3 +117,16 @@ async def test_store_errors_and_crashes_map_as_before(
 async def test_other_methods_and_routes_take_the_ordinary_path(app: RelayApp) -> None:
     assert (await _both(app, "GET", "/v1/chat/completions")).status_code == 405
     assert (await _both(app, "GET", "/v1/models", headers=INFER)).status_code == 200
+
+
+async def test_control_channel_errors_match_on_both_paths(app: RelayApp) -> None:
+    """The session GET also skips the middleware; its refusals are the same
+    (an open channel never ends, so only answers that end are compared)."""
+    r = await _both(app, "GET", "/api/v1/providers/session")
+    assert r.status_code == 401
+    r = await _both(app, "GET", "/api/v1/providers/session", headers=INFER)
+    assert r.status_code == 403
+    r = await _both(
+        app, "GET", "/api/v1/providers/session", params={"sessionId": "bad id!"}, headers=PUBLISH
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_session_id"
