@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from relay.api.deps import relay_of
+from relay.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
@@ -27,3 +28,9 @@ async def readyz(request: Request) -> Response:
         status_code=503,
         media_type="application/json",
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this replica (counts and states, no secrets)."""
+    return Response(relay_of(request).metrics.render(), media_type=CONTENT_TYPE)

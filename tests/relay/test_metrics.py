@@ -22,7 +22,7 @@ def value(text: str, series: str) -> float:
 async def test_counters_and_live_gauges(
     make_settings: Callable[..., Settings], fake_clients: Clients
 ) -> None:
-    async with serve_replica(make_settings(), fake_clients) as (url, relay):
+    async with serve_replica(make_settings(), fake_clients) as (url, _):
         pub = ScriptedPublisher(url, handler=echo_handler)
         await pub.connect()
         await pub.register({"name": "m", "type": "openai", "model": "x"})
@@ -36,7 +36,11 @@ async def test_counters_and_live_gauges(
             assert (
                 await http.post("/v1/chat/completions", json={"model": "nope"})
             ).status_code == 404
-        text = relay.metrics.render().decode()
+            scraped = await http.get("/metrics")  # no token needed, like the probes
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith(
+            "text/plain"
+        )
+        text = scraped.text
         assert value(text, 'relay_requests_total{outcome="ok"}') == 1
         assert value(text, 'relay_requests_total{outcome="unknown"}') == 1
         assert value(text, 'relay_tasks_finished_total{result="answered"}') == 1
