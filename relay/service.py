@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import orjson
+from starlette.types import Receive
 
 from relay import wire
 from relay.auth import Principal
@@ -45,6 +46,9 @@ _DONE = b"data: [DONE]\n\n"
 _KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_SECONDS = 15.0
 WAKE_COMMENT_SECONDS = 5.0
+# A plain request not answered by then starts watching for its consumer to
+# hang up (relay.service.Relay.result).
+HANG_UP_WATCH_AFTER_SECONDS = 0.5
 READY_PING_SECONDS = 1.0
 
 
@@ -436,16 +440,34 @@ class Relay:
             case _:
                 return RelayError(500, f"unexpected route outcome {route.outcome!r}")
 
-    async def result(self, pending: Pending) -> tuple[int, bytes]:
-        """Wait for a non-streaming task's answer: (status, JSON body)."""
+    async def result(self, pending: Pending, receive: Receive | None = None) -> tuple[int, bytes]:
+        """Wait for a non-streaming task's answer: (status, JSON body). With
+        the request's ASGI ``receive``, a consumer that hangs up cancels the
+        task (the publisher aborts the backend call) instead of leaving it to
+        run for nobody. Watching costs about 20 us of CPU, so it starts only
+        once the answer is slow in coming: the calls worth cancelling."""
+        watcher: asyncio.Task[None] | None = None
         try:
-            item = await self._wait(pending)
+            try:
+                item = await self._next(
+                    pending, min(HANG_UP_WATCH_AFTER_SECONDS, self._remaining(pending))
+                )
+            except TimeoutError:
+                if receive is not None:
+                    watcher = asyncio.create_task(
+                        _hang_up(receive, pending), name=f"watch {pending.task_id}"
+                    )
+                item = await self._wait(pending)
             while item.kind == "chunks":  # a publisher streamed a non-stream task: ignore
                 item = await self._wait(pending)
             if item.kind == "fail":
                 raise RelayError(item.status, item.message, _fail_code(item.status))
+            if item.kind == "gone":
+                raise RelayError(499, "the consumer closed the request", "client_closed")
             return self._decode_result(pending, item.payload)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self._finish(pending)
 
     async def first(self, pending: Pending, headstart: float) -> Item | None:
@@ -543,7 +565,7 @@ class Relay:
                 item = await queue.get()
         else:
             item = queue.get_nowait()
-        if item.kind != "chunks":
+        if item.kind == "result" or item.kind == "fail":
             pending.answered = True
         return item
 
@@ -616,6 +638,14 @@ class Relay:
                 task_id, Item("fail", status=503, message="the publisher disconnected")
             )
         log.info("task %s for session %s undeliverable: session not held here", task_id, sid)
+
+
+async def _hang_up(receive: Receive, pending: Pending) -> None:
+    """Wait for the consumer's disconnect (its body was read already), then
+    tell the task's waiter."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    pending.put(Item("gone"))
 
 
 class _Passthrough(Exception):

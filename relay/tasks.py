@@ -15,7 +15,8 @@ from typing import Literal
 
 import orjson
 
-ItemKind = Literal["chunks", "result", "fail"]
+# "gone": the consumer closed its connection (put by its own request).
+ItemKind = Literal["chunks", "result", "fail", "gone"]
 
 
 @dataclass(slots=True)

@@ -118,7 +118,7 @@ async def _infer(request: Request, path: str) -> Response:
         upstream: Upstream = request.app.state.upstream
         return await upstream.forward(model, target, path, body, stream)
     if not stream:
-        status, content = await relay.result(target)
+        status, content = await relay.result(target, request.receive)
         return Response(content, status_code=status, headers=headers, media_type="application/json")
     try:
         first = await relay.first(target, STREAM_HEADSTART_SECONDS)

@@ -5,6 +5,7 @@ publisher on the other."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -531,3 +532,28 @@ async def test_a_local_chunk_post_cannot_overtake_one_in_the_inbox(
         assert texts == ["0", "1", "2"] and lines[-1] == "[DONE]"
         await pub.aclose()
         await to_b.aclose()
+
+
+async def test_consumer_hanging_up_a_plain_request_cancels_the_task(
+    replica: tuple[str, Relay],
+) -> None:
+    url, relay = replica
+    pub = await publisher(url)  # receives the task, never answers
+    await pub.register(LLAMA)
+    async with httpx.AsyncClient(
+        base_url=url, headers={"authorization": "Bearer carol-infer-token"}
+    ) as http:
+        call = asyncio.create_task(
+            http.post("/v1/chat/completions", json={"model": "llama", "messages": []})
+        )
+        task = await pub.next_event("task")
+        call.cancel()  # the consumer gives up: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    cancel = await pub.next_event("cancel", timeout=2)
+    assert cancel == {"taskId": task["taskId"]}
+    assert (await pub.result(task["taskId"], {"status": 200, "body": {}})).status_code == 404
+    async with asyncio.timeout(2):
+        while len(relay.pending):
+            await asyncio.sleep(0.01)
+    await pub.aclose()
