@@ -100,7 +100,7 @@ class Relay:
                 ),
                 "relay_draining": ("1 once SIGTERM began the drain.", lambda: self.draining),
                 "relay_handoff_held": (
-                    "Tasks held for publishers moving off this draining replica.",
+                    "Tasks held here for sessions that moved to another replica.",
                     lambda: self.handoff.held,
                 ),
             }
