@@ -543,6 +543,7 @@ class Relay:
         return pending.deadline - asyncio.get_running_loop().time()
 
     def _timed_out(self, pending: Pending) -> RelayError:
+        pending.timed_out = True
         return RelayError(
             504,
             f"{pending.llm!r} gave no answer within {self.settings.task_timeout_seconds:g} s",
@@ -576,7 +577,9 @@ class Relay:
         return int(body.get("status", 200)), orjson.dumps(body.get("body"))
 
     def _publisher_failed(self, pending: Pending, error: object) -> str:
-        return f"the publisher of {pending.llm!r} failed: {error}"
+        message = f"the publisher of {pending.llm!r} failed: {error}"
+        log.warning("task %s (session %s): %s", pending.task_id, pending.session_id, message)
+        return message
 
     def _finish(self, pending: Pending) -> None:
         """The consumer is done with a task, answered or not. If no final
@@ -593,9 +596,21 @@ class Relay:
             channel = self.sessions.get(sid)
             if channel is not None:
                 channel.send_json(wire.EVENT_CANCEL, {"taskId": pending.task_id})
-        if where != "none":
+        if pending.timed_out:
+            log.warning(
+                "task %s for %s timed out after %g s (session %s): consumer answered 504, "
+                "publisher told to stop",
+                pending.task_id,
+                pending.llm,
+                self.settings.task_timeout_seconds,
+                pending.session_id,
+            )
+        elif where != "none":
             log.info(
-                "task %s for %s cancelled: the consumer went away", pending.task_id, pending.llm
+                "task %s for %s cancelled (session %s): the consumer went away",
+                pending.task_id,
+                pending.llm,
+                pending.session_id,
             )
 
     # --- inbox ------------------------------------------------------------------

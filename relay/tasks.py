@@ -41,6 +41,7 @@ class Pending:
     ahead: dict[int, list[str]] = field(default_factory=dict)  # batches past a gap
     finished: bool = False  # the consumer is done with it
     answered: bool = False  # a final item (result or fail) reached the consumer
+    timed_out: bool = False  # the consumer got a 504
 
     def put(self, item: Item) -> None:
         if not self.finished:
