@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from relay.lifecycle import Row
 
 # A WATCH/MULTI change retried this many times gives up (503 to a caller):
 # the keys kept changing under it, or the connection kept dropping.
 WATCH_ATTEMPTS = 50
+
+
+T = TypeVar("T")
+
+
+async def atomically(redis: Any, keys: Sequence[str], change: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``change`` under WATCH ``keys`` (optimistic locking). It reads in
+    immediate mode, may WATCH more keys, then either calls ``pipe.multi()``
+    and queues its writes, which are executed here, or returns without
+    (nothing is written). When a watched key changed before EXEC, it runs
+    again; after WATCH_ATTEMPTS it gives up with Contended (a 503)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for _attempt in range(WATCH_ATTEMPTS):
+            try:
+                if keys:
+                    await pipe.watch(*keys)
+                result = await change(pipe)
+                if pipe.explicit_transaction:
+                    await pipe.execute()
+                else:
+                    await pipe.reset()
+                return result
+            except WatchError:
+                continue
+    raise Contended()
 
 
 class Contended(RedisError):  # type: ignore[misc]  # redis is untyped here

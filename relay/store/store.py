@@ -14,21 +14,19 @@ import logging
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from relay import lifecycle
 from relay.keys import Keys
 from relay.lifecycle import Conflict, Lifecycle, Row
 from relay.store import scripts
 from relay.store.common import (
-    WATCH_ATTEMPTS,
-    Contended,
     Forbidden,
     NotFound,
     OrphanedTask,
     Route,
     _row,
     _s,
+    atomically,
 )
 from relay.store.fastlane import FastLane, LaneDown
 from relay.wire import PUBLIC, VIRTUAL, ProviderSpec
@@ -161,29 +159,24 @@ class Store:
         (through its inbox unless it is ``replica``). Returns that replica, or
         '' when the task was already gone."""
         key = self.keys.task(task_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    sid, where = (_s(x) for x in await pipe.hmget(key, "session", "replica"))
-                    if not where:
-                        await pipe.reset()
-                        return ""
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.srem(self.keys.session_tasks(sid), task_id)
-                    if where != replica:
-                        pipe.xadd(
-                            self.keys.inbox(where),
-                            {"k": "fail", "t": task_id, "c": str(status), "d": message},
-                            maxlen=self.inbox_maxlen,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-                    return where
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> str:
+            sid, where = (_s(x) for x in await pipe.hmget(key, "session", "replica"))
+            if not where:
+                return ""
+            pipe.multi()
+            pipe.delete(key)
+            pipe.srem(self.keys.session_tasks(sid), task_id)
+            if where != replica:
+                pipe.xadd(
+                    self.keys.inbox(where),
+                    {"k": "fail", "t": task_id, "c": str(status), "d": message},
+                    maxlen=self.inbox_maxlen,
+                    approximate=True,
+                )
+            return where
+
+        return await atomically(self.redis, [key], change)
 
     # --- sessions -----------------------------------------------------------
     async def session_principal(self, sid: str) -> str | None:
@@ -200,35 +193,31 @@ class Store:
         Returns the previous (replica, channel) binding, if any, so that the
         caller can close the old channel (a takeover)."""
         skey = self.keys.session(sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(skey)
-                    old = await pipe.hmget(skey, "principal", "replica", "channel")
-                    owner, old_replica, old_channel = (_s(x) for x in old)
-                    if owner and owner != principal:
-                        raise Forbidden(f"session {sid} belongs to another principal")
-                    pipe.multi()
-                    fields = {"principal": principal, "replica": replica, "channel": channel}
-                    if not owner:
-                        fields["createdAt"] = f"{now:.3f}"
-                    pipe.hset(skey, mapping=fields)
-                    pipe.expire(skey, int(self.lc.heartbeat_timeout))
-                    pipe.sadd(self.keys.replica_sessions(replica), sid)
-                    if old_replica and old_replica != replica:
-                        pipe.srem(self.keys.replica_sessions(old_replica), sid)
-                    if old_replica and old_channel and old_replica != replica:
-                        pipe.xadd(
-                            self.keys.inbox(old_replica),
-                            {"k": "close", "s": sid, "c": old_channel},
-                            maxlen=self.inbox_maxlen,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-                    return old_replica, old_channel
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> tuple[str, str]:
+            old = await pipe.hmget(skey, "principal", "replica", "channel")
+            owner, old_replica, old_channel = (_s(x) for x in old)
+            if owner and owner != principal:
+                raise Forbidden(f"session {sid} belongs to another principal")
+            pipe.multi()
+            fields = {"principal": principal, "replica": replica, "channel": channel}
+            if not owner:
+                fields["createdAt"] = f"{now:.3f}"
+            pipe.hset(skey, mapping=fields)
+            pipe.expire(skey, int(self.lc.heartbeat_timeout))
+            pipe.sadd(self.keys.replica_sessions(replica), sid)
+            if old_replica and old_replica != replica:
+                pipe.srem(self.keys.replica_sessions(old_replica), sid)
+            if old_replica and old_channel and old_replica != replica:
+                pipe.xadd(
+                    self.keys.inbox(old_replica),
+                    {"k": "close", "s": sid, "c": old_channel},
+                    maxlen=self.inbox_maxlen,
+                    approximate=True,
+                )
+            return old_replica, old_channel
+
+        return await atomically(self.redis, [skey], change)
 
     async def _check_session(self, sid: str, principal: str) -> None:
         owner = await self.session_principal(sid)
@@ -244,64 +233,53 @@ class Store:
         await self._check_session(sid, principal)
         names = [p["name"] for p in providers]
         row_keys = [self.keys.llm(n) for n in names]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(*row_keys)
-                    current = [_row(await pipe.hgetall(k)) or None for k in row_keys]
-                    plans = [
-                        lifecycle.plan_register(row, spec, sid, principal, now)
-                        for row, spec in zip(current, providers, strict=True)
-                    ]
-                    pipe.multi()
-                    for key, row, plan in zip(row_keys, current, plans, strict=True):
-                        pipe.hset(key, mapping=plan)
-                        pipe.expire(key, int(lifecycle.row_ttl(plan, self.lc)))
-                        old_sid = row.get("providerSessionId") if row else None
-                        if old_sid and old_sid != sid:
-                            pipe.srem(self.keys.session_llms(old_sid), plan["name"])
-                    pipe.sadd(self.keys.llms, *names)
-                    pipe.expire(self.keys.llms, self.index_ttl)
-                    pipe.sadd(self.keys.session_llms(sid), *names)
-                    pipe.expire(
-                        self.keys.session_llms(sid),
-                        int(self.lc.heartbeat_timeout + self.lc.inactive_retention),
-                    )
-                    await pipe.execute()
-                    return [
-                        {**(row or {}), **plan} for row, plan in zip(current, plans, strict=True)
-                    ]
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> list[Row]:
+            current = [_row(await pipe.hgetall(k)) or None for k in row_keys]
+            plans = [
+                lifecycle.plan_register(row, spec, sid, principal, now)
+                for row, spec in zip(current, providers, strict=True)
+            ]
+            pipe.multi()
+            for key, row, plan in zip(row_keys, current, plans, strict=True):
+                pipe.hset(key, mapping=plan)
+                pipe.expire(key, int(lifecycle.row_ttl(plan, self.lc)))
+                old_sid = row.get("providerSessionId") if row else None
+                if old_sid and old_sid != sid:
+                    pipe.srem(self.keys.session_llms(old_sid), plan["name"])
+            pipe.sadd(self.keys.llms, *names)
+            pipe.expire(self.keys.llms, self.index_ttl)
+            pipe.sadd(self.keys.session_llms(sid), *names)
+            pipe.expire(
+                self.keys.session_llms(sid),
+                int(self.lc.heartbeat_timeout + self.lc.inactive_retention),
+            )
+            return [{**(row or {}), **plan} for row, plan in zip(current, plans, strict=True)]
+
+        return await atomically(self.redis, [*row_keys], change)
 
     async def heartbeat(self, sid: str, principal: str, now: float) -> list[str]:
         """Bump every row ``sid`` owns and revive its inactive ones."""
         await self._check_session(sid, principal)
         names = sorted(_s(n) for n in await self.redis.smembers(self.keys.session_llms(sid)))
         row_keys = [self.keys.llm(n) for n in names]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    if row_keys:
-                        await pipe.watch(*row_keys)
-                    rows = [_row(await pipe.hgetall(k)) for k in row_keys]
-                    pipe.multi()
-                    owned = []
-                    for key, row in zip(row_keys, rows, strict=True):
-                        if row.get("providerSessionId") != sid:
-                            continue
-                        plan = lifecycle.plan_heartbeat(row, now)
-                        pipe.hset(key, mapping=plan)
-                        pipe.expire(key, int(lifecycle.row_ttl({**row, **plan}, self.lc)))
-                        owned.append(row["name"])
-                    pipe.expire(self.keys.session(sid), int(self.lc.heartbeat_timeout))
-                    pipe.expire(self.keys.llms, self.index_ttl)
-                    await pipe.execute()
-                    return owned
-                except WatchError:
+
+        async def change(pipe: Any) -> list[str]:
+            rows = [_row(await pipe.hgetall(k)) for k in row_keys]
+            pipe.multi()
+            owned = []
+            for key, row in zip(row_keys, rows, strict=True):
+                if row.get("providerSessionId") != sid:
                     continue
-            raise Contended()
+                plan = lifecycle.plan_heartbeat(row, now)
+                pipe.hset(key, mapping=plan)
+                pipe.expire(key, int(lifecycle.row_ttl({**row, **plan}, self.lc)))
+                owned.append(row["name"])
+            pipe.expire(self.keys.session(sid), int(self.lc.heartbeat_timeout))
+            pipe.expire(self.keys.llms, self.index_ttl)
+            return owned
+
+        return await atomically(self.redis, row_keys, change)
 
     async def unbind(self, sid: str, channel: str, now: float) -> list[OrphanedTask]:
         """The SSE channel ``channel`` of ``sid`` dropped: unless the session was
@@ -309,37 +287,30 @@ class Store:
         Failures for consumers on other replicas go out through their inboxes;
         the ones returned are all orphaned tasks (the caller fails local ones)."""
         skey = self.keys.session(sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(skey, self.keys.session_tasks(sid))
-                    if _s(await pipe.hget(skey, "channel")) != channel:
-                        await pipe.reset()
-                        return []  # taken over by a newer channel: leave it be
-                    replica = _s(await pipe.hget(skey, "replica"))
-                    orphans = await self.session_fallout(pipe, sid, now)
-                    pipe.hset(skey, mapping={"replica": "", "channel": ""})
-                    if replica:
-                        pipe.srem(self.keys.replica_sessions(replica), sid)
-                    await pipe.execute()
-                    return orphans
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> list[OrphanedTask]:
+            if _s(await pipe.hget(skey, "channel")) != channel:
+                return []  # taken over by a newer channel: leave it be
+            replica = _s(await pipe.hget(skey, "replica"))
+            orphans = await self.session_fallout(pipe, sid, now)
+            pipe.hset(skey, mapping={"replica": "", "channel": ""})
+            if replica:
+                pipe.srem(self.keys.replica_sessions(replica), sid)
+            return orphans
+
+        return await atomically(self.redis, [skey, self.keys.session_tasks(sid)], change)
 
     async def deactivate_session(self, sid: str, now: float) -> list[OrphanedTask]:
         """The session fell silent or its replica died (housekeeping): rows go
         inactive and in-flight tasks fail, as on a disconnect."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(self.keys.session(sid), self.keys.session_tasks(sid))
-                    orphans = await self.session_fallout(pipe, sid, now)
-                    await pipe.execute()
-                    return orphans
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> list[OrphanedTask]:
+            orphans = await self.session_fallout(pipe, sid, now)
+            return orphans
+
+        return await atomically(
+            self.redis, [self.keys.session(sid), self.keys.session_tasks(sid)], change
+        )
 
     async def session_fallout(self, pipe: Any, sid: str, now: float) -> list[OrphanedTask]:
         """Read (under WATCH) what a session's end touches, then queue, after
@@ -424,40 +395,36 @@ class Store:
     async def put_public(self, fields: dict[str, str], now: float) -> Row:
         """Create or replace a public row; refused while a virtual row holds the name."""
         key = self.keys.llm(fields["name"])
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    row = _row(await pipe.hgetall(key))
-                    if row and row.get("kind") == VIRTUAL:
-                        raise Conflict(
-                            f"Llm {fields['name']!r} is published by a publisher "
-                            f"({row.get('principal')}); delete it first or pick another name"
-                        )
-                    ts = f"{now:.3f}"
-                    new: Row = {
-                        "kind": PUBLIC,
-                        "type": "openai",
-                        "description": "",
-                        "apiKey": "",
-                        "status": "active",
-                        "providerSessionId": "",
-                        "lastHeartbeatAt": "",
-                        "inactiveSince": "",
-                        "principal": "",
-                        **fields,
-                        "createdAt": row.get("createdAt", ts) if row else ts,
-                        "updatedAt": ts,
-                    }
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.hset(key, mapping=new)
-                    pipe.sadd(self.keys.llms, new["name"])
-                    await pipe.execute()
-                    return new
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> Row:
+            row = _row(await pipe.hgetall(key))
+            if row and row.get("kind") == VIRTUAL:
+                raise Conflict(
+                    f"Llm {fields['name']!r} is published by a publisher "
+                    f"({row.get('principal')}); delete it first or pick another name"
+                )
+            ts = f"{now:.3f}"
+            new: Row = {
+                "kind": PUBLIC,
+                "type": "openai",
+                "description": "",
+                "apiKey": "",
+                "status": "active",
+                "providerSessionId": "",
+                "lastHeartbeatAt": "",
+                "inactiveSince": "",
+                "principal": "",
+                **fields,
+                "createdAt": row.get("createdAt", ts) if row else ts,
+                "updatedAt": ts,
+            }
+            pipe.multi()
+            pipe.delete(key)
+            pipe.hset(key, mapping=new)
+            pipe.sadd(self.keys.llms, new["name"])
+            return new
+
+        return await atomically(self.redis, [key], change)
 
     async def delete_row(self, name: str) -> bool:
         row = await self.get_row(name)
@@ -473,22 +440,17 @@ class Store:
 
     async def mark_woken(self, name: str, now: float) -> bool:
         key = self.keys.llm(name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    row = _row(await pipe.hgetall(key))
-                    plan = lifecycle.plan_woken(row, now) if row else None
-                    if plan is None:
-                        await pipe.reset()
-                        return False
-                    pipe.multi()
-                    pipe.hset(key, mapping=plan)
-                    await pipe.execute()
-                    return True
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> bool:
+            row = _row(await pipe.hgetall(key))
+            plan = lifecycle.plan_woken(row, now) if row else None
+            if plan is None:
+                return False
+            pipe.multi()
+            pipe.hset(key, mapping=plan)
+            return True
+
+        return await atomically(self.redis, [key], change)
 
     # --- replicas ---------------------------------------------------------------
     async def replica_alive(self, replica: str, ttl: float, now: float) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from relay import lifecycle
-from relay.store.common import WATCH_ATTEMPTS, Contended, OrphanedTask, _row, _s
+from relay.store.common import WATCH_ATTEMPTS, Contended, OrphanedTask, _row, _s, atomically
 from relay.store.store import Store
 
 log = logging.getLogger("relay.store")
@@ -42,24 +42,19 @@ class SweepStore:
     async def delete_if_expired(self, name: str, now: float) -> bool:
         """Delete a row the sweep found past its retention, unless it changed since."""
         key = self.keys.llm(name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    row = _row(await pipe.hgetall(key))
-                    if not row or lifecycle.plan_sweep(row, now, self.lc) != "delete":
-                        await pipe.reset()
-                        return False
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.srem(self.keys.llms, name)
-                    if row.get("providerSessionId"):
-                        pipe.srem(self.keys.session_llms(row["providerSessionId"]), name)
-                    await pipe.execute()
-                    return True
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> bool:
+            row = _row(await pipe.hgetall(key))
+            if not row or lifecycle.plan_sweep(row, now, self.lc) != "delete":
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            pipe.srem(self.keys.llms, name)
+            if row.get("providerSessionId"):
+                pipe.srem(self.keys.session_llms(row["providerSessionId"]), name)
+            return True
+
+        return await atomically(self.redis, [key], change)
 
     async def _scan(self, pattern: str) -> set[str]:
         """Our keys matching ``pattern`` (after the tag). SCAN, never KEYS:
@@ -120,33 +115,28 @@ class SweepStore:
         inactive and its in-flight tasks fail. Returns (rows flipped, tasks
         failed)."""
         key = self.keys.llm(name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    row = _row(await pipe.hgetall(key))
-                    if not row or lifecycle.plan_sweep(row, now, self.lc) != "deactivate":
-                        await pipe.reset()
-                        return [], []
-                    sid = row.get("providerSessionId", "")
-                    flipped: list[str] = []
-                    orphans: list[OrphanedTask] = []
-                    if sid:
-                        flipped, orphans = await self._counted_fallout(pipe, sid, now)
-                    else:
-                        pipe.multi()
-                    if name not in flipped:  # not in its session's set: flip it alone
-                        plan = lifecycle.plan_deactivate(row, now)
-                        if plan:
-                            pipe.hset(key, mapping=plan)
-                            pipe.expire(key, int(self.lc.inactive_retention))
-                            pipe.expire(self.keys.llms, self._index_ttl)
-                            flipped.append(name)
-                    await pipe.execute()
-                    return flipped, orphans
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> tuple[list[str], list[OrphanedTask]]:
+            row = _row(await pipe.hgetall(key))
+            if not row or lifecycle.plan_sweep(row, now, self.lc) != "deactivate":
+                return [], []
+            sid = row.get("providerSessionId", "")
+            flipped: list[str] = []
+            orphans: list[OrphanedTask] = []
+            if sid:
+                flipped, orphans = await self._counted_fallout(pipe, sid, now)
+            else:
+                pipe.multi()
+            if name not in flipped:  # not in its session's set: flip it alone
+                plan = lifecycle.plan_deactivate(row, now)
+                if plan:
+                    pipe.hset(key, mapping=plan)
+                    pipe.expire(key, int(self.lc.inactive_retention))
+                    pipe.expire(self.keys.llms, self._index_ttl)
+                    flipped.append(name)
+            return flipped, orphans
+
+        return await atomically(self.redis, [key], change)
 
     async def release_dead_session(
         self, replica: str, sid: str, now: float
@@ -161,27 +151,22 @@ class SweepStore:
         Returns (rows flipped, tasks failed)."""
         live, skey = self.keys.replica(replica), self.keys.session(sid)
         linked = self.keys.replica_sessions(replica)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(live, skey, linked)
-                    if await pipe.exists(live):
-                        await pipe.reset()
-                        return [], []  # it came back: not ours to clean
-                    exists = bool(await pipe.exists(skey))
-                    bound = _s(await pipe.hget(skey, "replica"))
-                    flipped: list[str] = []
-                    orphans: list[OrphanedTask] = []
-                    if bound == replica or not exists:
-                        flipped, orphans = await self._counted_fallout(pipe, sid, now)
-                    else:
-                        pipe.multi()
-                    pipe.srem(linked, sid)
-                    await pipe.execute()
-                    return flipped, orphans
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> tuple[list[str], list[OrphanedTask]]:
+            if await pipe.exists(live):
+                return [], []  # it came back: not ours to clean
+            exists = bool(await pipe.exists(skey))
+            bound = _s(await pipe.hget(skey, "replica"))
+            flipped: list[str] = []
+            orphans: list[OrphanedTask] = []
+            if bound == replica or not exists:
+                flipped, orphans = await self._counted_fallout(pipe, sid, now)
+            else:
+                pipe.multi()
+            pipe.srem(linked, sid)
+            return flipped, orphans
+
+        return await atomically(self.redis, [live, skey, linked], change)
 
     async def remove_dead_replica(self, replica: str) -> tuple[bool, bool]:
         """Forget a dead replica once its sessions are released: delete its
@@ -238,55 +223,47 @@ class SweepStore:
         replica gets a timeout failure. Dead replicas get no messages (that
         would recreate their inbox). Returns what was done, or None."""
         key = self.keys.task(task_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _attempt in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    task = _row(await pipe.hgetall(key))
-                    if not task:
-                        await pipe.reset()
-                        return None
-                    sid, consumer = task.get("session", ""), task.get("replica", "")
-                    holder = ""
-                    if sid:
-                        await pipe.watch(self.keys.session(sid))
-                        holder = _s(await pipe.hget(self.keys.session(sid), "replica"))
-                    alive: set[str] = set()
-                    for rid in {consumer, holder} - {""}:
-                        await pipe.watch(self.keys.replica(rid))
-                        if await pipe.exists(self.keys.replica(rid)):
-                            alive.add(rid)
-                    action = lifecycle.plan_task_sweep(
-                        task, now, self.lc, consumer_alive=consumer in alive
-                    )
-                    if action is None:
-                        await pipe.reset()
-                        return None
-                    pipe.multi()
-                    pipe.delete(key)
-                    if sid:
-                        pipe.srem(self.keys.session_tasks(sid), task_id)
-                    if holder in alive:
-                        pipe.xadd(
-                            self.keys.inbox(holder),
-                            {"k": "cancel", "s": sid, "t": task_id},
-                            maxlen=self.inbox_maxlen,
-                            approximate=True,
-                        )
-                    if action == "expired" and consumer in alive:
-                        pipe.xadd(
-                            self.keys.inbox(consumer),
-                            {
-                                "k": "fail",
-                                "t": task_id,
-                                "c": "504",
-                                "d": "the publisher gave no answer within the task timeout",
-                            },
-                            maxlen=self.inbox_maxlen,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-                    return action
-                except WatchError:
-                    continue
-            raise Contended()
+
+        async def change(pipe: Any) -> lifecycle.TaskSweepAction | None:
+            task = _row(await pipe.hgetall(key))
+            if not task:
+                return None
+            sid, consumer = task.get("session", ""), task.get("replica", "")
+            holder = ""
+            if sid:
+                await pipe.watch(self.keys.session(sid))
+                holder = _s(await pipe.hget(self.keys.session(sid), "replica"))
+            alive: set[str] = set()
+            for rid in {consumer, holder} - {""}:
+                await pipe.watch(self.keys.replica(rid))
+                if await pipe.exists(self.keys.replica(rid)):
+                    alive.add(rid)
+            action = lifecycle.plan_task_sweep(task, now, self.lc, consumer_alive=consumer in alive)
+            if action is None:
+                return None
+            pipe.multi()
+            pipe.delete(key)
+            if sid:
+                pipe.srem(self.keys.session_tasks(sid), task_id)
+            if holder in alive:
+                pipe.xadd(
+                    self.keys.inbox(holder),
+                    {"k": "cancel", "s": sid, "t": task_id},
+                    maxlen=self.inbox_maxlen,
+                    approximate=True,
+                )
+            if action == "expired" and consumer in alive:
+                pipe.xadd(
+                    self.keys.inbox(consumer),
+                    {
+                        "k": "fail",
+                        "t": task_id,
+                        "c": "504",
+                        "d": "the publisher gave no answer within the task timeout",
+                    },
+                    maxlen=self.inbox_maxlen,
+                    approximate=True,
+                )
+            return action
+
+        return await atomically(self.redis, [key], change)

@@ -86,6 +86,8 @@ async def test_commands_wait_for_redis_within_the_budget_then_fail_cleanly() -> 
         await clients.commands.set("k", "v")
         redis.stop()
         loop = asyncio.get_running_loop()
+        # The scenario is an outage of a known length (Redis down for 1 s,
+        # then back on the same port), not a wait for something to happen.
         back = loop.run_in_executor(None, lambda: (time.sleep(1.0), RedisProcess(port=port))[1])
         started = time.monotonic()
         assert await clients.commands.ping()  # waited for the restart
