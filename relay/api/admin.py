@@ -8,9 +8,9 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from relay.api.deps import authorize, read_json_object, relay_of
+from relay.api.deps import authorize, read_json_object, relay_of, validated
 from relay.api.providers import NAME_PATTERN
 from relay.errors import RelayError
 from relay.lifecycle import Conflict
@@ -56,14 +56,7 @@ async def get_llm(request: Request, name: str) -> Response:
 async def put_public(request: Request) -> Response:
     principal = authorize(request, "admin")
     _, body = await read_json_object(request)
-    try:
-        data = PublicLlmIn.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RelayError(
-            422, f"invalid {where or 'body'}: {first['msg']}", "invalid_body"
-        ) from None
+    data = validated(PublicLlmIn, body)
     relay = relay_of(request)
     fields = {**data.model_dump(), "url": str(data.url).rstrip("/")}
     try:

@@ -7,10 +7,11 @@ resolution per request.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
 from relay.auth import Authenticator, Principal
 from relay.errors import RelayError
@@ -72,3 +73,18 @@ async def read_json_object(request: Request) -> tuple[bytes, dict[str, Any]]:
 
 def json_response_bytes(obj: object) -> bytes:
     return orjson.dumps(obj)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """``body`` as ``model``, or a 422 naming the first invalid field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RelayError(
+            422, f"invalid {where or 'body'}: {first['msg']}", "invalid_body"
+        ) from None

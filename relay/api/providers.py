@@ -3,15 +3,15 @@ channel, registration, heartbeats, and task posts."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relay import wire
 from relay.api.control import ChannelResponse
-from relay.api.deps import authorize, read_json_object, relay_of
+from relay.api.deps import authorize, read_json_object, relay_of, validated
 from relay.errors import RelayError
 
 router = APIRouter()
@@ -49,17 +49,6 @@ class HeartbeatIn(BaseModel):
     sessionId: str
 
 
-def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RelayError(
-            422, f"invalid {where or 'body'}: {first['msg']}", "invalid_body"
-        ) from None
-
-
 async def session(request: Request) -> Response:
     """The control channel (``?sessionId=`` resumes). A plain route, also
     dispatched before FastAPI's middleware (``relay.api.fastpath``): the
@@ -82,7 +71,7 @@ async def session(request: Request) -> Response:
 async def register(request: Request) -> Response:
     principal = authorize(request, "publish")
     _, body = await read_json_object(request)
-    data: RegisterIn = _validated(RegisterIn, body)
+    data: RegisterIn = validated(RegisterIn, body)
     specs: list[wire.ProviderSpec] = [p.model_dump(exclude_none=True) for p in data.providers]  # type: ignore[misc]
     rows = await relay_of(request).register(principal, data.sessionId, specs)
     return Response(orjson.dumps({"llms": rows}), media_type="application/json")
@@ -92,7 +81,7 @@ async def register(request: Request) -> Response:
 async def heartbeat(request: Request) -> Response:
     principal = authorize(request, "publish")
     _, body = await read_json_object(request)
-    data: HeartbeatIn = _validated(HeartbeatIn, body)
+    data: HeartbeatIn = validated(HeartbeatIn, body)
     names = await relay_of(request).heartbeat(principal, data.sessionId)
     return Response(orjson.dumps({"llms": names}), media_type="application/json")
 
